@@ -1,0 +1,37 @@
+# torchslim: `make demo` runs the main job, `make test` runs the checks. Both install what they need.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .setup.stamp
+
+.PHONY: setup data demo demo-quick test lint typecheck bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Fashion-MNIST (full 60k/10k) from Debian; needs root or sudo once.
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: setup
+	$(PYTHON) -m torchslim.cli demo --out runs/demo
+
+demo-quick: setup
+	$(PYTHON) -m torchslim.cli demo --quick --out runs/demo-quick
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m mypy
+
+test: setup lint
+	$(PYTHON) -m pytest -q -x --durations=15
+
+bench: setup
+	@for b in bench/*.py; do case $$(basename $$b) in _*) ;; *) echo "== $$b"; $(PYTHON) $$b || exit 1;; esac; done
+
+clean:
+	rm -rf runs build dist .pytest_cache .mypy_cache .ruff_cache $(STAMP)

@@ -1,0 +1,182 @@
+"""Compact, exact weight files: safetensors with bitmask-encoded sparse tensors.
+
+A tensor whose zeros make it cheaper stored as (packed bitmask, nonzero values) is stored
+that way; tied tensors are stored once. Decoding gives back every tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.errors import OutputError
+
+__all__ = ["decode", "encode", "load_state_dict_into", "read_state_dict", "save_state_dict",
+           "serialized_size", "temp_path"]
+
+_META_KEY = "torchslim.encoding"
+
+
+def _bitmask_pays(t: torch.Tensor) -> bool:
+    if t.numel() < 64 or t.dtype == torch.bool or t.dtype.is_complex:
+        return False
+    nnz = int(torch.count_nonzero(t))
+    return math.ceil(t.numel() / 8) + nnz * t.element_size() < t.numel() * t.element_size()
+
+
+def encode(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, safetensors metadata) for a state dict."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, object]] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        # Same storage, offset, shape, strides and dtype: the very same tensor (tied weights).
+        ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride(), t.dtype)
+        if ident in seen and t.numel():
+            info[name] = {"format": "alias", "of": seen[ident]}
+            continue
+        seen[ident] = name
+        if _bitmask_pays(t):
+            info[name] = _encode_bitmask(name, t, tensors)
+        else:
+            tensors[name] = t.contiguous().clone()
+    return tensors, {_META_KEY: json.dumps(info)}
+
+
+def _encode_bitmask(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Store ``t`` as a bitmask of nonzeros plus their values; return its metadata entry.
+
+    Masked weights hold -0.0 wherever a negative weight was multiplied by 0; a second bitmask
+    over the zeros keeps those signs, so decoding is bit-exact.
+    """
+    flat = t.contiguous().flatten()
+    keep = flat != 0  # NaN counts as nonzero and is stored with its payload
+    tensors[f"{name}::bitmask"] = torch.from_numpy(np.packbits(keep.numpy()))
+    tensors[f"{name}::values"] = flat[keep].clone()
+    spec: dict[str, object] = {"format": "bitmask", "shape": list(t.shape)}
+    if flat.dtype.is_floating_point:
+        negative = torch.signbit(flat[~keep])
+        if bool(negative.any()):
+            tensors[f"{name}::negative_zeros"] = torch.from_numpy(np.packbits(negative.numpy()))
+            spec["negative_zeros"] = True
+    return spec
+
+
+def _decode_bitmask(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    shape = [int(s) for s in spec["shape"]]
+    numel = math.prod(shape)
+    values = tensors[f"{name}::values"]
+    bits = np.unpackbits(tensors[f"{name}::bitmask"].numpy(), count=numel).astype(bool)
+    if int(bits.sum()) != values.numel():
+        raise ValueError(f"{name}: bitmask has {int(bits.sum())} ones for {values.numel()} values")
+    flat = torch.zeros(numel, dtype=values.dtype)
+    flat[torch.from_numpy(bits)] = values
+    if spec.get("negative_zeros"):
+        zeros = np.flatnonzero(~bits)
+        negative = np.unpackbits(tensors[f"{name}::negative_zeros"].numpy(), count=zeros.size).astype(bool)
+        flat[torch.from_numpy(zeros[negative])] = -0.0
+    return flat.view(shape)
+
+
+def decode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """Invert ``encode``: the original state dict, bit for bit."""
+    try:
+        info = json.loads((metadata or {}).get(_META_KEY, "{}"))
+        out = {k: v for k, v in tensors.items() if "::" not in k}
+        for name, spec in info.items():
+            if spec["format"] == "bitmask":
+                out[name] = _decode_bitmask(name, spec, tensors)
+        for name, spec in info.items():
+            if spec["format"] == "alias":
+                out[name] = out[spec["of"]]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise OutputError(f"weights file is corrupt: cannot decode ({exc})") from exc
+    return out
+
+
+def save_state_dict(model: nn.Module, path: Path, metadata: Mapping[str, str] | None = None) -> int:
+    """Write ``model.state_dict()`` to ``path`` atomically; return the file size in bytes."""
+    from safetensors.torch import save_file
+
+    tensors, meta = encode(model.state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata={**meta, **(metadata or {})})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` to write to before renaming onto ``path``.
+
+    Unlike ``tempfile.mkstemp`` it creates nothing, so the final file gets the usual
+    permissions (mkstemp's are owner-only).
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) from a file written by ``save_state_dict``."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise OutputError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OutputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return decode(tensors, metadata), dict(metadata)
+
+
+def load_state_dict_into(model: nn.Module, path: Path) -> dict[str, str]:
+    """Load weights from ``path`` into ``model`` with ``strict=True``; return the metadata."""
+    state, metadata = read_state_dict(path)
+    problem = _first_mismatch(model.state_dict(), state)
+    if problem is not None:
+        raise OutputError(f"{path}: weights do not fit the model: {problem}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise OutputError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from exc
+    return metadata
+
+
+def _first_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
+    """Describe the first key that is missing, unexpected or of another shape; None if all fit."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    counts = f"({len(missing)} missing, {len(unexpected)} unexpected key(s) in all)"
+    if missing:
+        return f"the model expects {missing[0]!r}, which the file does not hold {counts}"
+    if unexpected:
+        return f"the file holds {unexpected[0]!r}, which the model does not have {counts}"
+    for key, tensor in expected.items():
+        if tuple(found[key].shape) != tuple(tensor.shape):
+            return (f"{key!r} has shape {list(found[key].shape)} in the file but "
+                    f"{list(tensor.shape)} in the model")
+    return None
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of the model's weights as ``save_state_dict`` writes them."""
+    from safetensors.torch import save
+
+    tensors, meta = encode(model.state_dict())
+    return len(save(tensors, metadata=meta))

@@ -1,0 +1,157 @@
+"""Describe changed modules as plain data and rebuild them: the basis of save/load and resume.
+
+Only classes in an explicit allow-list can be rebuilt, so reading ``structure.json`` never
+imports or executes anything named in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from torchslim.errors import OutputError
+
+__all__ = ["capture", "module_spec", "rebuildable", "replay"]
+
+T = TypeVar("T", bound=type[nn.Module])
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def _conv(m: Any) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels, "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+    }
+
+
+def _norm(m: Any) -> dict[str, Any]:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+            "affine": m.affine, "track_running_stats": m.track_running_stats}
+
+
+_BUILDERS: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]]]] = {
+    "Linear": (nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                     "bias": m.bias is not None}),
+    "Conv1d": (nn.Conv1d, _conv),
+    "Conv2d": (nn.Conv2d, _conv),
+    "BatchNorm1d": (nn.BatchNorm1d, _norm),
+    "BatchNorm2d": (nn.BatchNorm2d, _norm),
+    "LayerNorm": (nn.LayerNorm, lambda m: {"normalized_shape": list(m.normalized_shape),
+                                           "eps": m.eps, "elementwise_affine": m.elementwise_affine,
+                                           "bias": getattr(m, "bias", None) is not None}),
+    "Embedding": (nn.Embedding, lambda m: {"num_embeddings": m.num_embeddings,
+                                           "embedding_dim": m.embedding_dim,
+                                           "padding_idx": m.padding_idx}),
+    "Identity": (nn.Identity, lambda m: {}),
+}
+
+
+def rebuildable(cls: T) -> T:
+    """Allow ``cls`` in structure.json; it must define ``spec_kwargs() -> dict``."""
+    key = f"torchslim:{cls.__name__}"
+    if key in _BUILDERS and _BUILDERS[key][0] is not cls:
+        raise RuntimeError(f"two rebuildable classes are named {cls.__name__}")
+    _BUILDERS[key] = (cls, lambda m: m.spec_kwargs())
+    return cls
+
+
+def _key_of(module: nn.Module) -> str:
+    for key, (cls, _) in _BUILDERS.items():
+        if type(module) is cls:
+            return key
+    raise OutputError(
+        f"cannot record a {type(module).__name__} in structure.json: only "
+        f"{', '.join(sorted(k.split(':')[-1] for k in _BUILDERS))} can be rebuilt"
+    )
+
+
+def module_spec(module: nn.Module, attrs: Iterable[str] = ()) -> dict[str, Any]:
+    """Plain-data description of ``module`` (class, constructor arguments, simple attrs)."""
+    key = _key_of(module)
+    spec: dict[str, Any] = {"cls": key, "kwargs": _BUILDERS[key][1](module)}
+    tensor = next(iter(module.parameters(recurse=False)), None)
+    if tensor is not None:
+        spec["dtype"] = str(tensor.dtype).removeprefix("torch.")
+    if attrs:
+        spec["attrs"] = {a: getattr(module, a) for a in attrs}
+    return spec
+
+
+def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ops that turn a freshly built base model into ``model``'s architecture.
+
+    ``changes`` maps fqn -> {"attrs": [names]} (attributes to record) or {} (swap the module).
+    Parents come before children; fqns that no longer exist are dropped.
+    """
+    present = dict(model.named_modules())
+    ops = []
+    for fqn in sorted(changes, key=lambda f: (f.count("."), f)):
+        if fqn not in present:
+            continue
+        names = changes[fqn].get("attrs", ())
+        if names and changes[fqn].get("keep_module", False):
+            ops.append({"fqn": fqn, "attrs": {a: getattr(present[fqn], a) for a in names}})
+        else:
+            ops.append({"fqn": fqn, "module": module_spec(present[fqn], names)})
+    return ops
+
+
+def _build(spec: Any, where: str) -> nn.Module:
+    if not isinstance(spec, dict) or spec.get("cls") not in _BUILDERS:
+        raise OutputError(f"{where}: unknown module class {spec!r} in structure.json")
+    cls, _ = _BUILDERS[spec["cls"]]
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise OutputError(f"{where}: 'kwargs' must be a mapping, found {kwargs!r}")
+    kwargs = {k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v
+              for k, v in kwargs.items()}
+    try:
+        module = cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise OutputError(f"{where}: cannot build {spec['cls']}({kwargs}): {exc}") from exc
+    dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        module.to(dtype)
+    return module
+
+
+def replay(model: nn.Module, ops: Any) -> nn.Module:
+    """Apply ``capture``'s ops to a freshly built base model, in place."""
+    if not isinstance(ops, list):
+        raise OutputError(f"structure.json: 'ops' must be a list, found {type(ops).__name__}")
+    for i, op in enumerate(ops):
+        where = f"structure.json ops[{i}]"
+        if not isinstance(op, dict) or not isinstance(op.get("fqn"), str) or not op["fqn"]:
+            raise OutputError(f"{where}: expected a mapping with a non-empty 'fqn', found {op!r}")
+        fqn = op["fqn"]
+        parent_fqn, _, child = fqn.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_fqn)
+        except AttributeError as exc:
+            raise OutputError(f"{where}: the model has no module {parent_fqn!r}") from exc
+        if not isinstance(getattr(parent, child, None), nn.Module):
+            raise OutputError(f"{where}: the model has no module {fqn!r} (built from another base model?)")
+        if "module" in op:
+            setattr(parent, child, _build(op["module"], where))
+        attrs = op.get("attrs", op.get("module", {}).get("attrs", {}))
+        _set_attrs(getattr(parent, child), attrs, where)
+    return model
+
+
+def _set_attrs(target: nn.Module, attrs: Any, where: str) -> None:
+    if not isinstance(attrs, dict) or not all(isinstance(v, _SIMPLE) for v in attrs.values()):
+        raise OutputError(f"{where}: 'attrs' must map names to numbers or strings, found {attrs!r}")
+    for name, value in attrs.items():
+        if name.startswith("__"):
+            raise OutputError(f"{where}: attribute {name!r} cannot be set from structure.json")
+        try:
+            setattr(target, name, value)
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise OutputError(f"{where}: cannot set {name}={value!r} on "
+                              f"{type(target).__name__}: {exc}") from exc

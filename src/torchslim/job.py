@@ -1,0 +1,136 @@
+"""The whole job behind ``torchslim compress`` and ``torchslim demo``.
+
+Resolve the model and data, check the output folder, compress, save, export and measure the
+deployed artifacts, then write the report. Every input is checked before anything is written,
+so bad input leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core import Context
+from torchslim.errors import ModelError, OutputError
+from torchslim.recipes import Recipe, load_recipe
+from torchslim.report.record import DeploymentRow, RunRecord
+from torchslim.runner import Result, compress
+
+__all__ = ["check_out_dir", "deploy_rows", "is_run_folder", "run_job"]
+
+logger = logging.getLogger(__name__)
+_OURS = ("record.json", "structure.json", "checkpoints")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a torchslim run (finished or interrupted)."""
+    return any((folder / name).exists() for name in _OURS)
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder we must not write into; explain what to do instead."""
+    if resume:
+        if not (out / "checkpoints" / "stage.json").is_file() and not (out / "checkpoints").is_dir():
+            raise OutputError(f"--resume: {out} holds no interrupted run (expected {out}/checkpoints/)")
+        return
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is a file (expected a folder)")
+    if out.is_dir() and any(out.iterdir()) and not is_run_folder(out) and not overwrite:
+        raise OutputError(
+            f"output folder {out} exists, is not empty and is not a torchslim run; "
+            "pass --overwrite to replace it or choose another --out"
+        )
+
+
+def run_job(
+    recipe_source: str | Path | Recipe,
+    out: Path,
+    *,
+    model_spec: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    quick: bool = False,
+) -> RunRecord:
+    """Run a recipe from the command line's point of view and write the output folder."""
+    from torchslim.adapters import resolve_data, resolve_model
+
+    recipe = recipe_source if isinstance(recipe_source, Recipe) else load_recipe(recipe_source)
+    spec = model_spec or recipe.model
+    if spec is None:
+        raise ModelError("no model: the recipe has no 'model:' entry and no --model was given")
+    if recipe.data is None:
+        raise ModelError("no data: the recipe has no 'data:' entry (e.g. data: zoo:fashion_mnist)")
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    data = resolve_data(recipe.data, quick=quick)
+    model, build = resolve_model(spec, quick=quick, progress=progress)
+    recipe = dataclasses.replace(recipe, model=spec)
+    if out.exists() and not resume:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(example_inputs=data.example_inputs, calib_data=data.calib, train_data=data.train,
+                  eval_fn=data.eval_fn, workdir=out / "checkpoints", progress=progress)
+    original = copy.deepcopy(model).eval()
+    result = compress(model, recipe, ctx, resume=resume)
+    _finish(result, original, ctx, recipe, out)
+    return result.record
+
+
+def _clear(out: Path) -> None:
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _finish(result: Result, original: nn.Module, ctx: Context, recipe: Recipe, out: Path) -> None:
+    from torchslim.export import save
+    from torchslim.report.jsonio import write_report
+
+    save(result, out, overwrite=True)
+    if "onnx" in recipe.export:
+        result.record.deployments.extend(deploy_rows(original, result.model, ctx, out))
+    write_report(result.record, out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def deploy_rows(original: nn.Module, compressed: nn.Module, ctx: Context, out: Path) -> list[DeploymentRow]:
+    """Latency and quality of the original and compressed models as deployed.
+
+    Rows: the original in PyTorch eager, the original in ONNX Runtime, the compressed model
+    exported to ``out/model.onnx`` in ONNX Runtime, and the compressed model in PyTorch.
+    """
+    from torchslim.export.onnx import OnnxModule, export_onnx, onnx_latency
+    from torchslim.measure.latency import model_latency
+
+    x = ctx.require_example_inputs("ONNX export")
+    rows = [_row("original fp32", "torch", original, model_latency(original, x), ctx)]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "original.onnx"
+        export_onnx(original, x, fp32_path)
+        rows.append(_row("original fp32", "onnxruntime", OnnxModule(fp32_path),
+                         onnx_latency(fp32_path, x), ctx))
+    info = export_onnx(compressed, x, out / "model.onnx", min_cosine=0.99)
+    note = f"max |diff| vs PyTorch {info['max_abs_diff']:.2e}, cosine {info['cosine']:.6f}"
+    rows.append(_row("compressed", "onnxruntime", OnnxModule(out / "model.onnx"),
+                     onnx_latency(out / "model.onnx", x), ctx, note=note))
+    rows.append(_row("compressed", "torch", compressed, model_latency(compressed, x), ctx))
+    return rows
+
+
+def _row(name: str, engine: str, model: nn.Module, timing: dict[str, float], ctx: Context,
+         note: str = "") -> DeploymentRow:
+    values: dict[str, Any] = {"latency_ms": timing["latency_ms"]}
+    if ctx.eval_fn is not None:
+        with torch.inference_mode():
+            values.update(ctx.eval_fn(model))
+    return DeploymentRow(name=name, engine=engine, values=values, note=note)

@@ -1,0 +1,1 @@
+"""Quantization: fewer bits per weight and activation, run with real integer kernels."""

@@ -1,0 +1,1 @@
+"""Reports rendered from a RunRecord: JSON, Markdown and self-contained HTML."""

@@ -1,0 +1,145 @@
+"""core/structure.py: capture -> JSON -> replay rebuilds narrowed models; bad files fail clearly."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.core import structure
+from torchslim.errors import OutputError
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.fc1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x).mean(dim=(2, 3))
+        return self.fc2(self.drop(torch.relu(self.fc1(h))))
+
+
+def _narrowed() -> tuple[Net, dict[str, dict[str, Any]]]:
+    """A Net whose channels 8 -> 5 and hidden 32 -> 20 were cut, with fresh random weights."""
+    torch.manual_seed(0)
+    model = Net()
+    model.features[0] = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    model.features[1] = nn.BatchNorm2d(5)
+    model.features[3] = nn.Conv2d(5, 16, 3, stride=2, padding=1)
+    model.fc1 = nn.Linear(16, 20)
+    model.fc2 = nn.Linear(20, 10)
+    with torch.no_grad():
+        model.features[1].running_mean.normal_()
+        model.features[1].running_var.uniform_(0.5, 2.0)
+        model.features[1].weight.normal_()
+    changed = ("features.0", "features.1", "features.3", "fc1", "fc2")
+    changes: dict[str, dict[str, Any]] = {fqn: {} for fqn in changed}
+    return model, changes
+
+
+def test_narrowed_cnn_rebuilds_from_a_fresh_base_and_loads_strictly() -> None:
+    model, changes = _narrowed()
+    ops = json.loads(json.dumps(structure.capture(model, changes)))  # as written to structure.json
+    rebuilt = structure.replay(Net(), ops)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(4, 3, 12, 12)
+    model.eval()
+    rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    assert rebuilt.features[3].stride == (2, 2) and rebuilt.features[1].num_features == 5
+
+
+def test_a_base_model_rejects_the_narrowed_weights_without_replay() -> None:
+    model, _ = _narrowed()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        Net().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_dtype_and_recorded_attributes_are_replayed() -> None:
+    model = Net()
+    model.fc2 = nn.Linear(32, 10).double()
+    model.drop.p = 0.1
+    changes: dict[str, dict[str, Any]] = {"fc2": {}, "drop": {"attrs": ["p"], "keep_module": True}}
+    ops = json.loads(json.dumps(structure.capture(model, changes)))
+    rebuilt = structure.replay(Net(), ops)
+    assert rebuilt.fc2.weight.dtype == torch.float64
+    assert rebuilt.drop.p == 0.1
+
+
+def test_capture_orders_parents_first_and_drops_vanished_fqns() -> None:
+    model = Net()
+    ops = structure.capture(model, {"features.0": {}, "fc1": {}, "gone": {}})
+    assert [op["fqn"] for op in ops] == ["fc1", "features.0"]
+
+
+class _TestScale(nn.Module):
+    def __init__(self, width: int, factor: float) -> None:
+        super().__init__()
+        self.width, self.factor = width, factor
+        self.weight = nn.Parameter(torch.full((width,), factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"width": self.width, "factor": self.factor}
+
+
+def test_rebuildable_classes_are_allowed_by_name() -> None:
+    structure.rebuildable(_TestScale)
+    model = Net()
+    model.drop = _TestScale(32, 2.0)  # type: ignore[assignment]
+    ops = json.loads(json.dumps(structure.capture(model, {"drop": {}})))
+    assert ops[0]["module"]["cls"] == "torchslim:_TestScale"
+    rebuilt = structure.replay(Net(), ops)
+    assert isinstance(rebuilt.drop, _TestScale) and rebuilt.drop.width == 32
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_capture_refuses_a_module_that_cannot_be_rebuilt() -> None:
+    model = Net()
+    model.drop = nn.GELU()  # type: ignore[assignment]
+    with pytest.raises(OutputError, match="cannot record a GELU"):
+        structure.capture(model, {"drop": {}})
+
+
+@pytest.mark.parametrize("cls", ["os.system", "torch.nn.Linear", "GELU", "torchslim:Nope"])
+def test_unknown_class_in_structure_raises(cls: str) -> None:
+    ops = [{"fqn": "fc1", "module": {"cls": cls, "kwargs": {}}}]
+    with pytest.raises(OutputError, match="unknown module class"):
+        structure.replay(Net(), ops)
+
+
+@pytest.mark.parametrize("fqn", ["head", "features.9", "missing.fc", "fc1.inner"])
+def test_nonexistent_fqn_raises(fqn: str) -> None:
+    ops = [{"fqn": fqn, "module": {"cls": "Linear", "kwargs": {"in_features": 2, "out_features": 2}}}]
+    with pytest.raises(OutputError, match="has no module"):
+        structure.replay(Net(), ops)
+
+
+@pytest.mark.parametrize(
+    ("ops", "message"),
+    [
+        ({"fqn": "fc1"}, "'ops' must be a list"),
+        ([{"module": {}}], "non-empty 'fqn'"),
+        ([{"fqn": "fc1", "module": {"cls": "Linear", "kwargs": {"in_features": "x"}}}],
+         "cannot build Linear"),
+        ([{"fqn": "fc1", "module": {"cls": "Linear", "kwargs": [1]}}], "'kwargs' must be a mapping"),
+        ([{"fqn": "drop", "attrs": {"p": [0.1]}}], "'attrs' must map names"),
+        ([{"fqn": "drop", "attrs": {"__class__": "Linear"}}], "cannot be set"),
+        ([{"fqn": "fc1", "attrs": {"weight": 3}}], "cannot set weight=3"),
+    ],
+)
+def test_malformed_ops_raise_output_error(ops: Any, message: str) -> None:
+    with pytest.raises(OutputError, match=message):
+        structure.replay(Net(), ops)

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import CASES, MLP
+from torchslim.core import Context, Step, TrainedMethod
+from torchslim.distillation.logits import LogitDistillation, LogitDistillationConfig
+from torchslim.errors import DataError
+from torchslim.recipes import TrainSpec
+from torchslim.train import fit
+
+
+def _data(n: int = 256) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :10].argmax(dim=1))  # learnable rule
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _accuracy(model: torch.nn.Module, data: torch.utils.data.TensorDataset) -> float:
+    x, y = data.tensors
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_fit_learns_a_simple_rule() -> None:
+    torch.manual_seed(0)
+    data = _data()
+    model = MLP()
+    before = _accuracy(model, data)
+    fit(model, TrainSpec(epochs=15, lr=1e-2, batch_size=32), [], Context(train_data=data))
+    assert _accuracy(model, data) > max(0.8, before + 0.3)
+
+
+def test_fit_restores_training_mode_and_is_seeded() -> None:
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = MLP().eval()
+        fit(model, TrainSpec(steps=5, batch_size=16), [], Context(train_data=_data(), seed=3))
+        assert not model.training
+        results.append(model.fc1.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _KillAt(TrainedMethod):
+    """Raises at a given step, like a process killed mid-epoch."""
+
+    def on_step(self, step: Step) -> None:
+        if step.index == self.cfg:
+            raise _Stop
+
+
+def test_resume_after_a_kill_mid_epoch_matches_uninterrupted(tmp_path: Path) -> None:
+    data, spec = _data(), TrainSpec(epochs=3, batch_size=32)
+    torch.manual_seed(0)
+    full = MLP()
+    fit(full, spec, [], Context(train_data=data, seed=1), checkpoint_dir=tmp_path / "full")
+    torch.manual_seed(0)
+    model = MLP()
+    with pytest.raises(_Stop):  # killed in the middle of epoch 2
+        fit(model, spec, [_KillAt(len(data) // 32 + 2)], Context(train_data=data, seed=1),
+            checkpoint_dir=tmp_path / "killed")
+    assert [p.name for p in (tmp_path / "killed").glob("train-*.pt")] == ["train-1.pt"]
+    torch.manual_seed(123)  # a new process starts with other random state and a fresh model
+    resumed = MLP()
+    fit(resumed, spec, [_KillAt(-1)], Context(train_data=data, seed=1), checkpoint_dir=tmp_path / "killed")
+    for a, b in zip(resumed.parameters(), full.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_distillation_from_a_teacher_moves_the_student_towards_it() -> None:
+    torch.manual_seed(0)
+    teacher, student = MLP(), MLP()
+    x = torch.randn(128, 16)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(128, dtype=torch.long))
+    gap = lambda: float((student(x) - teacher(x)).abs().mean())  # noqa: E731
+    before = gap()
+    method = LogitDistillation(LogitDistillationConfig(alpha=1.0, temperature=1.0))
+    fit(student, TrainSpec(epochs=20, lr=1e-2, batch_size=32), [method], Context(train_data=data),
+        teacher=teacher)
+    assert gap() < 0.5 * before
+
+
+def test_every_tiny_model_trains_one_step() -> None:
+    for case in CASES:
+        model = case.build()
+        fit(model, TrainSpec(steps=2), [], Context(train_data=case.batches()))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_missing_training_data_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="ctx.train_data is None"):
+        fit(MLP(), TrainSpec(), [], Context())
