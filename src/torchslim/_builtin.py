@@ -1,4 +1,15 @@
 """The explicit list of built-in method modules; importing them fills the registry."""
 
+from torchslim.distillation import adversarial as _adversarial  # noqa: F401
+from torchslim.distillation import attention as _attention  # noqa: F401
+from torchslim.distillation import features as _features  # noqa: F401
 from torchslim.distillation import logits as _logits  # noqa: F401
+from torchslim.distillation import relational as _relational  # noqa: F401
+from torchslim.pruning import channel as _channel  # noqa: F401
+from torchslim.pruning import gradual as _gradual  # noqa: F401
 from torchslim.pruning import magnitude as _magnitude  # noqa: F401
+from torchslim.pruning import nm as _nm  # noqa: F401
+from torchslim.pruning import snip as _snip  # noqa: F401
+from torchslim.pruning import sparsegpt as _sparsegpt  # noqa: F401
+from torchslim.pruning import wanda as _wanda  # noqa: F401
+from torchslim.quantization import dynamic as _dynamic  # noqa: F401

@@ -10,7 +10,7 @@ import typing
 from torchslim.core.config import config_fields
 from torchslim.core.registry import get_config_class, list_methods
 
-__all__ = ["explain", "recipe_example", "summary", "summaries"]
+__all__ = ["explain", "method_page", "recipe_example", "summaries", "summary", "write_method_pages"]
 
 _SECTIONS = ("Paper:", "Args:", "Recipe:", "Lifecycle:", "Notes:", "Returns:", "Raises:")
 
@@ -73,3 +73,30 @@ def _trained(key: str) -> bool:
     from torchslim.core.registry import is_trained
 
     return is_trained(get_config_class(key)())
+
+
+def method_page(key: str) -> str:
+    """Markdown page of one method for ``docs/methods/<key>.md`` (same text as ``explain``)."""
+    return "\n".join([
+        f"# `{key}`", "", summary(key), "", "```text", explain(key), "```", "",
+        "Recipe example:", "", "```yaml", recipe_example(key), "```", "",
+    ])
+
+
+def write_method_pages(folder: str) -> list[str]:
+    """Write ``method_page`` for every method into ``folder``; return the file names."""
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for key in list_methods():
+        (out / f"{key}.md").write_text(method_page(key), encoding="utf-8")
+        names.append(f"{key}.md")
+    return names
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("\n".join(write_method_pages(sys.argv[1] if len(sys.argv) > 1 else "docs/methods")))

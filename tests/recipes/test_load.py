@@ -83,3 +83,10 @@ def test_empty_train_block_uses_defaults() -> None:
     text = "stages:\n  - name: s\n    methods: [{method: distillation.logits}]\n    train: {}\n"
     stage = load_recipe(text).stages[0]
     assert stage.train is not None and stage.train.epochs == 1 and stage.train.optimizer == "adam"
+
+
+def test_stage_with_only_a_train_block_fine_tunes() -> None:
+    stage = load_recipe("stages:\n  - name: tune\n    train: {epochs: 1}\n").stages[0]
+    assert stage.methods == () and stage.train is not None
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.methods: expected a non-empty list"):
+        load_recipe("stages:\n  - name: nothing\n")

@@ -97,3 +97,15 @@ def test_every_tiny_model_trains_one_step() -> None:
 def test_missing_training_data_is_a_data_error() -> None:
     with pytest.raises(DataError, match="ctx.train_data is None"):
         fit(MLP(), TrainSpec(), [], Context())
+
+
+class _SeesTeacher(TrainedMethod):
+    def on_start(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        self.cfg.append(ctx.teacher)
+        return model
+
+
+def test_methods_find_the_stage_teacher_in_the_context_at_start() -> None:
+    teacher, seen = MLP(), []
+    fit(MLP(), TrainSpec(steps=1), [_SeesTeacher(seen)], Context(train_data=_data(32)), teacher=teacher)
+    assert seen == [teacher]

@@ -23,6 +23,7 @@ class Step:
         targets: The batch's targets (None when the data has none).
         outputs: The student's outputs for ``inputs``.
         model: The model being trained (unwrapped from DDP).
+        total: Number of optimizer steps of the stage, when known (schedules need it).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class Step:
         outputs: Any,
         model: nn.Module,
         teacher_fn: Callable[[Any], Any] | None = None,
+        total: int | None = None,
     ) -> None:
         self.index = index
         self.inputs = inputs
@@ -40,6 +42,7 @@ class Step:
         self.outputs = outputs
         self.model = model
         self._teacher_fn = teacher_fn
+        self.total = total
         self._teacher_outputs: Any = None
 
     def teacher_outputs(self) -> Any:

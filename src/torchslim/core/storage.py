@@ -148,11 +148,17 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def load_state_dict_into(model: nn.Module, path: Path) -> dict[str, str]:
     """Load weights from ``path`` into ``model`` with ``strict=True``; return the metadata."""
     state, metadata = read_state_dict(path)
-    problem = _first_mismatch(model.state_dict(), state)
+    expected = model.state_dict()
+    problem = _first_mismatch(expected, state)
     if problem is not None:
         raise OutputError(f"{path}: weights do not fit the model: {problem}")
+    # Module versions (``_metadata``) are not stored in safetensors; the freshly built model's
+    # own versions are the right ones (torchvision's MNASNet refuses a state dict without them).
+    loadable: Any = dict(state)
+    loadable = type(expected)(loadable)
+    loadable._metadata = getattr(expected, "_metadata", None)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(loadable, strict=True)
     except RuntimeError as exc:
         raise OutputError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from exc
     return metadata

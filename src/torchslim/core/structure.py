@@ -87,6 +87,8 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     """Ops that turn a freshly built base model into ``model``'s architecture.
 
     ``changes`` maps fqn -> {"attrs": [names]} (attributes to record) or {} (swap the module).
+    With ``"keep_module": True`` the module stays; ``"params": [names]`` then records the shapes
+    of those tensors so ``replay`` can resize them (channels cut from any module type).
     Parents come before children; fqns that no longer exist are dropped.
     """
     present = dict(model.named_modules())
@@ -95,8 +97,12 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
         if fqn not in present:
             continue
         names = changes[fqn].get("attrs", ())
-        if names and changes[fqn].get("keep_module", False):
-            ops.append({"fqn": fqn, "attrs": {a: getattr(present[fqn], a) for a in names}})
+        params = changes[fqn].get("params", ())
+        if (names or params) and changes[fqn].get("keep_module", False):
+            op: dict[str, Any] = {"fqn": fqn, "attrs": {a: _plain(getattr(present[fqn], a)) for a in names}}
+            if params:
+                op["shapes"] = {n: list(getattr(present[fqn], n).shape) for n in params}
+            ops.append(op)
         else:
             ops.append({"fqn": fqn, "module": module_spec(present[fqn], names)})
     return ops
@@ -127,9 +133,14 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
         raise OutputError(f"structure.json: 'ops' must be a list, found {type(ops).__name__}")
     for i, op in enumerate(ops):
         where = f"structure.json ops[{i}]"
-        if not isinstance(op, dict) or not isinstance(op.get("fqn"), str) or not op["fqn"]:
+        named = isinstance(op, dict) and isinstance(op.get("fqn"), str) and bool(op["fqn"] or "shapes" in op)
+        if not named:
             raise OutputError(f"{where}: expected a mapping with a non-empty 'fqn', found {op!r}")
         fqn = op["fqn"]
+        if not fqn and "module" not in op:  # the root keeps its class; its own tensors may resize
+            _resize(model, op["shapes"], where)
+            _set_attrs(model, op.get("attrs", {}), where)
+            continue
         parent_fqn, _, child = fqn.rpartition(".")
         try:
             parent = model.get_submodule(parent_fqn)
@@ -139,19 +150,47 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
             raise OutputError(f"{where}: the model has no module {fqn!r} (built from another base model?)")
         if "module" in op:
             setattr(parent, child, _build(op["module"], where))
+        _resize(getattr(parent, child), op.get("shapes", {}), where)
         attrs = op.get("attrs", op.get("module", {}).get("attrs", {}))
         _set_attrs(getattr(parent, child), attrs, where)
     return model
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_simple(target: nn.Module, name: str, value: Any) -> bool:
+    """A number or string; a list only where the module holds a tuple (``normalized_shape``)."""
+    if isinstance(value, list):
+        return isinstance(getattr(target, name, None), tuple) and all(isinstance(v, _SIMPLE) for v in value)
+    return isinstance(value, _SIMPLE)
+
+
+def _resize(target: nn.Module, shapes: Any, where: str) -> None:
+    """Replace tensors by uninitialised ones of the recorded shapes (weights load afterwards)."""
+    if not isinstance(shapes, dict):
+        raise OutputError(f"{where}: 'shapes' must map tensor names to shapes, found {shapes!r}")
+    for name, shape in shapes.items():
+        old = getattr(target, name, None) if isinstance(name, str) else None
+        valid = isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+        if not isinstance(old, torch.Tensor) or not valid:
+            raise OutputError(f"{where}: cannot resize {name!r} of {type(target).__name__} to {shape!r}")
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(target, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            target._buffers[name] = new
+
+
 def _set_attrs(target: nn.Module, attrs: Any, where: str) -> None:
-    if not isinstance(attrs, dict) or not all(isinstance(v, _SIMPLE) for v in attrs.values()):
+    if not isinstance(attrs, dict) or not all(_is_simple(target, str(k), v) for k, v in attrs.items()):
         raise OutputError(f"{where}: 'attrs' must map names to numbers or strings, found {attrs!r}")
     for name, value in attrs.items():
         if name.startswith("__"):
             raise OutputError(f"{where}: attribute {name!r} cannot be set from structure.json")
         try:
-            setattr(target, name, value)
+            setattr(target, name, tuple(value) if isinstance(value, list) else value)
         except (TypeError, AttributeError, ValueError) as exc:
             raise OutputError(f"{where}: cannot set {name}={value!r} on "
                               f"{type(target).__name__}: {exc}") from exc

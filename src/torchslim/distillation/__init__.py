@@ -1,5 +1,15 @@
 """Knowledge distillation: a student learns from a teacher's outputs and features."""
 
+from torchslim.distillation.adversarial import AdversarialDistillationConfig
+from torchslim.distillation.attention import AttentionDistillationConfig
+from torchslim.distillation.features import FeatureDistillationConfig
 from torchslim.distillation.logits import LogitDistillationConfig
+from torchslim.distillation.relational import RelationalDistillationConfig
 
-__all__ = ["LogitDistillationConfig"]
+__all__ = [
+    "AdversarialDistillationConfig",
+    "AttentionDistillationConfig",
+    "FeatureDistillationConfig",
+    "LogitDistillationConfig",
+    "RelationalDistillationConfig",
+]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from torchslim.core import MethodConfig, Step, TrainedMethod, check, register
-from torchslim.errors import DataError
+from torchslim.distillation._outputs import logits_of, padding_mask, shape_mismatch
+from torchslim.distillation.losses import feature_loss, soft_target_loss
 
-__all__ = ["LogitDistillation", "LogitDistillationConfig", "soft_target_loss"]
+__all__ = ["LogitDistillation", "LogitDistillationConfig", "scheduled_temperature", "soft_target_loss"]
+
+_NAME = "distillation.logits"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +26,13 @@ class LogitDistillationConfig(MethodConfig):
     Args:
         temperature: Softmax temperature T applied to both models' logits (> 0).
         alpha: Weight of the distillation term; the hard-label task loss gets ``1 - alpha``.
+        loss: ``kl`` (soft targets, for classifiers and per-token sequence outputs), or
+            ``mse`` / ``cosine`` for embedding outputs (the temperature is then unused).
+        temperature_end: When set, T moves linearly from ``temperature`` to this value
+            over ``anneal_steps`` optimizer steps, then stays there.
+        anneal_steps: Length of the temperature schedule in steps.
+        ignore_index: Target value marking padding tokens, left out of the average (the
+            Hugging Face ``-100`` convention).
 
     Recipe:
         - method: distillation.logits
@@ -33,17 +42,54 @@ class LogitDistillationConfig(MethodConfig):
     Lifecycle:
         on_start: the driver freezes the teacher (``ctx.teacher``, or the model as it was
             before the recipe) in eval mode.
-        extra_loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
+        extra_loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over
+            samples (classifiers) or tokens (``(B, T, V)`` outputs, padding left out);
+            ``alpha * mse`` or ``alpha * (1 - cos)`` for embeddings.
         task_weight: ``1 - alpha`` times the task loss on hard labels.
+
+    Notes:
+        Padding comes from targets equal to ``ignore_index`` of the same shape as the
+        token rows, else from an ``attention_mask`` entry of dict inputs. Student and teacher
+        outputs must have the same shape; for different widths use
+        ``distillation.features`` with its learned projection.
     """
 
-    name: ClassVar[str] = "distillation.logits"
+    name: ClassVar[str] = _NAME
     temperature: float = 4.0
     alpha: float = 0.9
+    loss: Literal["kl", "mse", "cosine"] = "kl"
+    temperature_end: float | None = None
+    anneal_steps: int = 1000
+    ignore_index: int = -100
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(self.temperature_end is None or self.temperature_end > 0,
+              f"temperature_end must be > 0, got {self.temperature_end}")
         check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.loss in ("kl", "mse", "cosine"), f"loss must be kl, mse or cosine, got {self.loss!r}")
+        check(self.anneal_steps >= 1, f"anneal_steps must be >= 1, got {self.anneal_steps}")
+
+
+def scheduled_temperature(cfg: LogitDistillationConfig, step: int) -> float:
+    """The temperature at optimizer step ``step`` (from 0)."""
+    if cfg.temperature_end is None:
+        return cfg.temperature
+    progress = min(step / cfg.anneal_steps, 1.0)
+    return cfg.temperature + (cfg.temperature_end - cfg.temperature) * progress
+
+
+def output_loss(step: Step, cfg: LogitDistillationConfig, who: str = _NAME) -> torch.Tensor:
+    """The unweighted distillation loss between the student's and the teacher's outputs."""
+    student, teacher = logits_of(step.outputs, who), logits_of(step.teacher_outputs(), who)
+    if student.shape != teacher.shape:
+        raise shape_mismatch(who, "outputs", student.shape, teacher.shape,
+                             "add a projection: use distillation.features (it learns one between "
+                             "hidden layers of different widths) or give both the same output size")
+    mask = padding_mask(step.inputs, step.targets, student.shape[:-1], cfg.ignore_index)
+    if cfg.loss == "kl":
+        return soft_target_loss(student, teacher, scheduled_temperature(cfg, step.index), mask=mask)
+    return feature_loss(student, teacher, cfg.loss, mask=mask)
 
 
 @register(LogitDistillationConfig)
@@ -58,39 +104,5 @@ class LogitDistillation(TrainedMethod):
         return 1.0 - self.cfg.alpha
 
     def extra_loss(self, step: Step) -> torch.Tensor:
-        """``alpha * T^2 * KL`` between softened teacher and student outputs."""
-        student, teacher = _logits(step.outputs), _logits(step.teacher_outputs())
-        if student.shape != teacher.shape:
-            raise DataError(
-                f"distillation.logits: student outputs {tuple(student.shape)} and teacher outputs "
-                f"{tuple(teacher.shape)} differ; use distillation.features with a projection"
-            )
-        loss = soft_target_loss(student, teacher, self.cfg.temperature)
-        return self.cfg.alpha * loss
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise DataError(f"distillation.logits: cannot find logits in outputs of type {type(outputs).__name__}")
-
-
-def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` averaged over rows.
-
-    The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton §2).
-    """
-    t = temperature
-    classes = student.shape[-1]
-    kl = F.kl_div(
-        F.log_softmax(student.reshape(-1, classes) / t, dim=-1),
-        F.log_softmax(teacher.reshape(-1, classes).detach() / t, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return kl * t * t
+        """``alpha`` times the soft-target (or embedding) loss."""
+        return self.cfg.alpha * output_loss(step, self.cfg)

@@ -121,9 +121,12 @@ def _stage(raw: Any, where: str) -> Stage:
     name = body.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise RecipeError(f"{where}.name: expected a non-empty name without '/', found {name!r}")
-    methods_raw = body.get("methods")
-    if not isinstance(methods_raw, list) or not methods_raw:
-        raise RecipeError(f"{where}.methods: expected a non-empty list, found {methods_raw!r}")
+    methods_raw = body.get("methods", [])
+    if not isinstance(methods_raw, list) or not (methods_raw or "train" in body):
+        raise RecipeError(
+            f"{where}.methods: expected a non-empty list (or a 'train' block alone, for plain "
+            f"fine-tuning), found {methods_raw!r}"
+        )
     methods = tuple(config_from_dict(m, f"{where}.methods[{j}]") for j, m in enumerate(methods_raw))
     train = None
     if "train" in body:

@@ -118,6 +118,8 @@ def fit(
     was_training = model.training
     device = torch.device(ctx.device)
     model.to(device)
+    if teacher is not None:  # methods that hook the teacher (features, attention) find it here
+        ctx = dataclasses.replace(ctx, teacher=teacher)
     for method in methods:
         model = method.on_start(model, ctx)
     # Sorted by name: registration order can differ between a run and its resumption
@@ -161,7 +163,7 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
             break
         inputs, targets = _split(to_device(batch, device))
         outputs = run.model(inputs)
-        st = Step(step, inputs, targets, outputs, run.model, run.teacher_fn)
+        st = Step(step, inputs, targets, outputs, run.model, run.teacher_fn, total=run.total)
         loss = loss_fn(outputs, targets) * weight if weight else outputs_zero(outputs)
         for m in run.methods:
             term = m.extra_loss(st)
@@ -217,7 +219,7 @@ def _progress(show: bool, total: int, done: int) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
 
 
 def _save(folder: Path, epoch: int, step: int, run: _Run) -> None:

@@ -1,0 +1,115 @@
+"""Dynamic int8 quantization of Linear layers, run with real int8 kernels.
+
+References: Jacob et al. 2018, https://arxiv.org/abs/1712.05877 (integer-arithmetic inference);
+Dettmers et al. 2022, https://arxiv.org/abs/2208.07339 (vector-wise int8 matmul scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+from torch import nn
+
+from torchslim.core import Context, MethodConfig, Outcome, check, register, select, surgery
+from torchslim.quantization.modules import DynamicQuantLinear
+
+__all__ = ["DynamicQuantizationConfig", "apply"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamicQuantizationConfig(MethodConfig):
+    """Store Linear weights in int8 and quantize activations on the fly, per row, at each call.
+
+    Papers: Jacob et al., "Quantization and Training of Neural Networks for Efficient
+    Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877;
+    Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale",
+    NeurIPS 2022, https://arxiv.org/abs/2208.07339 (the vector-wise scales used here,
+    without the outlier decomposition).
+
+    Args:
+        weight_bits: Bits per weight; 8 is the width that runs on real int8 kernels.
+        activation_bits: Bits per activation; 8 as well.
+        per_channel: One weight scale per output channel; False uses one per layer.
+        targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
+        ignore: Selectors removed from ``targets``.
+
+    Recipe:
+        - method: quantization.dynamic
+          per_channel: true
+          ignore: ["re:.*classifier.*"]
+
+    Notes:
+        Needs no calibration data. Weights are symmetric int8 (``scale = max|w| / 127``).
+        Each input row (a sample, or a token of a sequence) is quantized with its own
+        symmetric scale when the layer runs; more accurate than one scale per batch at a
+        negligible cost. The product is a true int8 x int8 -> int32 GEMM
+        (``torch._int_mm``, oneDNN with VNNI where the CPU has it), rescaled to float.
+        Measured on an AVX-512 CPU: about 2.5x faster than fp32 for 1024 tokens x
+        384 -> 1536 (two threads), about 7x for 8 rows x 2048 -> 2048 (one thread; layers
+        of 2**20 weights or more keep a oneDNN-packed copy of the weight in memory for
+        that), and no gain for a few rows through a small layer, where quantizing the input
+        costs as much as the product.
+        ONNX export writes ``MatMulInteger`` nodes that ONNX Runtime runs with its u8 x s8
+        kernels and whose outputs match PyTorch's. Only plain ``nn.Linear`` layers are
+        converted; other selected modules (convolutions, the ``out_proj`` that
+        ``nn.MultiheadAttention`` reads directly, layers with tied weights) stay float and
+        are listed in a warning. For 4-bit or 3-bit weights use ``quantization.weight_only``.
+    """
+
+    name: ClassVar[str] = "quantization.dynamic"
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+    targets: tuple[str, ...] = ("type:Linear",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field in ("weight_bits", "activation_bits"):
+            _check_bits(field, getattr(self, field))
+
+
+def _check_bits(field: str, bits: object) -> None:
+    check(isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 8,
+          f"quantization.dynamic: {field} must be an integer in 1..8, found {bits!r}")
+    check(bits == 8,
+          f"quantization.dynamic: {field}={bits} is not supported; this method runs 8 bits on real "
+          "int8 kernels (use 8), and quantization.weight_only stores weights in fewer bits")
+
+
+@register(DynamicQuantizationConfig)
+def apply(model: nn.Module, cfg: DynamicQuantizationConfig, ctx: Context) -> Outcome:
+    """Replace every selected ``nn.Linear`` with a ``DynamicQuantLinear``."""
+    tied = {name for group in surgery.shared_parameters(model) for name in group}
+    skipped: dict[str, str] = {}
+
+    def build(fqn: str, module: nn.Module) -> nn.Module | None:
+        reason = _why_not(fqn, module, tied)
+        if reason is not None:
+            skipped[fqn] = reason
+            return None
+        assert isinstance(module, nn.Linear)  # _why_not checked the type
+        new = DynamicQuantLinear.from_linear(module, per_channel=cfg.per_channel)
+        return new.train(module.training)
+
+    replaced = surgery.replace_modules(model, select(model, cfg.targets, cfg.ignore), build)
+    if skipped:
+        listed = "; ".join(f"{fqn} ({why})" for fqn, why in skipped.items())
+        logger.warning("quantization.dynamic: %d selected module(s) stay float: %s", len(skipped), listed)
+    return Outcome(model=model, touched=replaced, structure={fqn: {} for fqn in replaced},
+                   stats={"int8_layers": len(replaced)},
+                   layers={fqn: {"bits": 8} for fqn in replaced})
+
+
+def _why_not(fqn: str, module: nn.Module, tied: set[str]) -> str | None:
+    """Why ``module`` cannot be converted, or None if it can."""
+    if type(module) is not nn.Linear:
+        if isinstance(module, nn.Linear):  # e.g. MultiheadAttention.out_proj, read by its parent
+            return f"{type(module).__name__} is a Linear subclass whose weight its owner may read"
+        return f"{type(module).__name__} is not an nn.Linear"
+    if f"{fqn}.weight" in tied:
+        return "its weight is tied to another layer; int8 would untie and duplicate it"
+    return None

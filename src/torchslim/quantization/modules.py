@@ -1,0 +1,102 @@
+"""Replacement modules holding int8 weights and running real int8 kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core.structure import rebuildable
+from torchslim.quantization.ops import dynamic_quant_linear
+from torchslim.quantization.primitives import dequantize, pack_int8_weight, quantize_per_channel_symmetric
+
+__all__ = ["DynamicQuantLinear"]
+
+
+@rebuildable
+class DynamicQuantLinear(nn.Module):
+    """``nn.Linear`` with an int8 weight; activations are quantized per row at each call.
+
+    The forward pass is one ``torchslim::dynamic_quant_linear`` op: each row (token) of the
+    input gets its own symmetric int8 scale, ``torch._int_mm`` multiplies int8 by int8 into
+    int32, and the result is rescaled to float. It exports to ONNX as ``MatMulInteger``.
+    Layers of 2**20 weights or more also keep, in memory only, a oneDNN-packed copy of the
+    weight for inputs of 2 to 128 rows (see ``pack_int8_weight``); it is rebuilt whenever
+    ``qweight`` changes.
+
+    Attributes:
+        qweight: int8 buffer (out, in).
+        scale: float32 buffer (out,): per output channel, or one value repeated.
+        bias: The float bias parameter, or None.
+    """
+
+    _torchslim_converted = True
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 per_channel: bool = True, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.per_channel = per_channel
+        qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._packed: torch.Tensor | None = None  # cache of the oneDNN layout; not saved
+        self._packed_key: tuple[Any, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = None if torch.compiler.is_compiling() else self._packed_weight()
+        out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed)
+        return out
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The cached ``pack_int8_weight(qweight)``, rebuilt whenever ``qweight`` changed."""
+        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version)
+        if self._packed_key != key:
+            self._packed, self._packed_key = pack_int8_weight(self.qweight), key
+        return self._packed
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_packed=None, _packed_key=None)  # an opaque oneDNN tensor cannot be copied
+        return state
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> DynamicQuantLinear:
+        """Quantize ``linear``'s weight (symmetric int8); the bias is copied unchanged."""
+        weight = linear.weight
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  per_channel=per_channel, device=weight.device)
+        if weight.is_meta:  # nothing to copy from a meta tensor
+            return new
+        qweight, scale = quantize_per_channel_symmetric(weight, per_channel)
+        new.qweight.copy_(qweight)
+        new.scale.copy_(scale)
+        if linear.bias is not None and new.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return new
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """The dequantized float ``nn.Linear`` (``qweight * scale``), e.g. for other runtimes."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.qweight.device)
+        linear.weight.copy_(dequantize(self.qweight, self.scale))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+    def spec_kwargs(self) -> dict[str, int | bool]:
+        """Constructor arguments for ``structure.json``."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "per_channel": self.per_channel}
+
+    def extra_repr(self) -> str:
+        kind = "per_channel" if self.per_channel else "per_tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=int8 {kind}")
