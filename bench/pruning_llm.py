@@ -56,13 +56,16 @@ RUNS: dict[str, MethodConfig | None] = {
     "wanda-2:4": WandaPruningConfig(pattern="2:4"),
     "sparsegpt-50": SparseGPTPruningConfig(sparsity=0.5),
     "sparsegpt-2:4": SparseGPTPruningConfig(pattern="2:4"),
+    "sparsegpt-50-nonseq": SparseGPTPruningConfig(sparsity=0.5, sequential=False),
+    "sparsegpt-2:4-nonseq": SparseGPTPruningConfig(pattern="2:4", sequential=False),
     "wanda-50-owl": WandaPruningConfig(sparsity=0.5, owl=0.08),
     "sparsegpt-50-owl": SparseGPTPruningConfig(sparsity=0.5, owl=0.08),
 }
 # Measured on this protocol for ASSETS.md (same windows, same machine type), not in this run.
 REFERENCE = {"magnitude-50": 467.3, "wanda-50": 68.79, "wanda-2:4": 258.3, "sparsegpt-50": 54.60,
-             "sparsegpt-2:4": 91.70}
-LLMCOMPRESSOR = {"wanda-50": 68.96, "sparsegpt-50": 54.69, "sparsegpt-2:4": 96.33}
+             "sparsegpt-2:4": 91.70, "sparsegpt-50-nonseq": 54.60, "sparsegpt-2:4-nonseq": 91.70}
+LLMCOMPRESSOR = {"wanda-50": 68.96, "sparsegpt-50": 54.69, "sparsegpt-2:4": 96.33, "sparsegpt-50-nonseq": 54.69,
+                 "sparsegpt-2:4-nonseq": 96.33}
 
 
 def _rss_mb() -> float:
@@ -127,7 +130,8 @@ def _decoder_sparsity(model: nn.Module) -> float:
 def run_one(name: str, cfg: MethodConfig | None, s: Setup) -> dict[str, Any]:
     """Restore the dense weights, prune with ``cfg`` (timed, memory sampled), then score."""
     s.model.load_state_dict(torch.load(s.dense_file, mmap=True, weights_only=True))
-    row: dict[str, Any] = {"run": name, "method": cfg.name if cfg else "-", "oneshot_s": 0.0}
+    row: dict[str, Any] = {"run": name, "method": cfg.name if cfg else "-", "oneshot_s": 0.0,
+                           "threads": torch.get_num_threads()}
     with PeakRSS() as peak:
         started = time.perf_counter()
         if cfg is not None:
@@ -165,15 +169,16 @@ def render(rows: dict[str, dict[str, Any]], env: dict[str, Any], meta: dict[str,
     lines = [
         "# One-shot LLM pruning: SmolLM2-135M on the Lee background corpus",
         "",
-        f"Machine: {env['cpu']}, {env['threads']} threads, {env['platform']}. Versions: {_versions()}.",
+        f"Machine: {env['cpu']}, {os.cpu_count()} cores shared with other jobs, {env['platform']}. "
+        f"Versions: {_versions()}.",
         f"Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32; load {meta['load_s']:.0f} s). "
         f"Perplexity on the first {meta['eval_windows']} windows of 512 tokens of `lee_background.cor`; "
         "calibration on the next 32 windows (tokens 12,288-28,671; ASSETS.md section 3.1). Pruned: every "
         "Linear of the 30 decoder layers (the tied embedding / lm_head is kept).",
         "",
         "| run | method | ppl | reference impl. | llm-compressor 0.14 | ppl / llm-compressor | decoder sparsity "
-        "| one-shot s | eval s | peak RSS during run (MB) | process peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| one-shot s | eval s | threads | peak RSS during run (MB) | process peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in RUNS:
         if name not in rows:
@@ -183,7 +188,7 @@ def render(rows: dict[str, dict[str, Any]], env: dict[str, Any], meta: dict[str,
         lines.append(
             f"| {name} | `{r['method']}` | {r['ppl']:.2f} | {ref if ref else '—'} | {peer if peer else '—'} "
             f"| {_ratio(r['ppl'], peer)} | {r['sparsity']:.4f} | {r['oneshot_s']:.0f} | {r['eval_s']:.0f} "
-            f"| {r['peak_rss_mb']:.0f} | {r['process_peak_rss_mb']:.0f} |")
+            f"| {r['threads']} | {r['peak_rss_mb']:.0f} | {r['process_peak_rss_mb']:.0f} |")
     lines += ["", *NOTES]
     return "\n".join(lines) + "\n"
 
@@ -199,6 +204,9 @@ NOTES = [
     "calibration windows, then score with `torchslim.zoo.llm.perplexity`.",
     "- `magnitude-50` is `pruning.magnitude` with per-layer ranking (the reference's 467.3 ranks per "
     "output row); `magnitude-2:4` is `pruning.nm` by `|w|`.",
+    "- `sparsegpt-*` runs use the default `sequential: true` (within a decoder layer, q/k/v, o, gate/up "
+    "and down are calibrated in turn on the outputs of the already pruned ones); `-nonseq` runs calibrate "
+    "all seven on the layer's dense inputs, as the paper's code and llm-compressor do.",
     "- `-owl` runs: outlier-weighed per-layer sparsity (OWL, lambda 0.08, threshold 5) at the same "
     "50% average, from a dense Wanda-score pass; the paper's defaults, not tuned on these windows.",
     "- Peak RSS during a run is sampled every 50 ms and includes the loaded model and tokenizer; the "
@@ -213,19 +221,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--results", type=Path, default=None, help="JSON file of finished runs")
     parser.add_argument("--eval-windows", type=int, default=llm.EVAL_WINDOWS)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     stored = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     rows, meta = stored.get("rows", {}), stored.get("meta", {})
-    todo = [r for r in args.runs.split(",") if r not in rows]
+    todo = [r for r in args.runs.split(",") if r and r not in rows]
     if unknown := [r for r in todo if r not in RUNS]:
         parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        s = setup(Path(tmp), args.eval_windows)
-        meta = {"load_s": s.load_s, "eval_windows": args.eval_windows}
+        s = setup(Path(tmp), args.eval_windows) if todo else None
+        if s is not None:
+            meta = {"load_s": s.load_s, "eval_windows": args.eval_windows}
         for name in todo:
+            assert s is not None
             rows[name] = run_one(name, RUNS[name], s)
             if args.results:
                 args.results.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))

@@ -158,3 +158,25 @@ def test_no_hooks_left_and_mode_restored_after_an_error() -> None:
         layerwise(model, token_batches(), layers={"layers.0.up": model.layers[0].up},
                   new_stat=lambda f, m: InputNorms(m.in_features), on_block=fail)
     assert model.training and surgery.leftovers(model) == []
+
+
+def test_groups_follow_shared_inputs_and_observe_sees_changed_layers() -> None:
+    model = tiny_llama(layers=1)
+    batches = token_batches(vocab=128)
+    linears = {f: m for f, m in model.named_modules() if isinstance(m, nn.Linear) and f != "lm_head"}
+    steps: list[BlockStep] = []
+    fresh: dict = {}
+
+    def on_block(step: BlockStep) -> None:
+        steps.append(step)
+        step.module.mlp.up_proj.weight.data.zero_()  # changes what down_proj sees
+        fresh.update(step.observe(["model.layers.0.mlp.down_proj"], lambda f, m: InputGram(m.in_features)))
+
+    layerwise(model, batches, layers=linears, new_stat=lambda f, m: InputGram(m.in_features), on_block=on_block)
+    p = "model.layers.0."
+    assert steps[0].groups == [[p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+                               [p + "self_attn.o_proj"], [p + "mlp.gate_proj", p + "mlp.up_proj"],
+                               [p + "mlp.down_proj"]]
+    assert steps[0].stats[p + "mlp.down_proj"].xtx.abs().sum() > 0
+    assert fresh[p + "mlp.down_proj"].xtx.abs().sum() == 0  # up_proj zeroed -> down_proj inputs are 0
+    assert fresh[p + "mlp.down_proj"].rows == steps[0].stats[p + "mlp.down_proj"].rows

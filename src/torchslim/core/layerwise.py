@@ -105,6 +105,8 @@ class BlockStep:
         layers: Observed layers inside the block, model fqn -> module.
         stats: Model fqn -> statistic, for every observed layer that received input.
         calls: The block's captured inputs over the calibration set.
+        groups: Observed layers that read the same input tensor (``q/k/v``, ``gate/up``), in
+            the order the block runs them.
     """
 
     index: int
@@ -114,10 +116,21 @@ class BlockStep:
     layers: dict[str, nn.Module]
     stats: dict[str, Any]
     calls: list[Call]
+    groups: list[list[str]] = dataclasses.field(default_factory=list)
 
     def forward(self) -> list[Any]:
         """Run the block on every captured input; return its hidden-state outputs."""
         return _run(self.module, self.calls)
+
+    def observe(self, fqns: Sequence[str], new_stat: Callable[[str, nn.Module], Stat]) -> dict[str, Any]:
+        """Fresh statistics of ``fqns``' inputs as the block now computes them.
+
+        Each call stops as soon as all of ``fqns`` have run, so observing a block's early
+        layers again after changing them (sequential calibration) costs a partial pass.
+        """
+        stats, _, _ = _observe(self.module, {f: self.layers[f] for f in fqns}, self.calls, new_stat,
+                               keep=False, stop_early=True)
+        return stats
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -187,8 +200,8 @@ def layerwise(
                 inside = {f: m for f, m in layers.items() if _inside(f, fqn)}
                 last = i + 1 == len(blocks)
                 reuse = not last and not modifies
-                stats, outputs = _observe(block, inside, calls, new_stat, keep=reuse)
-                on_block(BlockStep(i, len(blocks), fqn, block, inside, stats, calls))
+                stats, outputs, groups = _observe(block, inside, calls, new_stat, keep=reuse)
+                on_block(BlockStep(i, len(blocks), fqn, block, inside, stats, calls, groups))
                 if not last:
                     outputs = outputs if reuse else _run(block, calls)
                     calls = [_with_hidden(call, h) for call, h in zip(calls, outputs)]
@@ -208,9 +221,15 @@ def _inside(layer_fqn: str, block_fqn: str) -> bool:
 
 
 def _observe(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[Call],
-             new_stat: Callable[[str, nn.Module], Stat], keep: bool) -> tuple[dict[str, Any], list[Any]]:
-    """Run ``block`` on ``calls`` with hooks feeding ``layers``' inputs to their statistics."""
+             new_stat: Callable[[str, nn.Module], Stat], keep: bool,
+             stop_early: bool = False) -> tuple[dict[str, Any], list[Any], list[list[str]]]:
+    """Run ``block`` on ``calls`` with hooks feeding ``layers``' inputs to their statistics.
+
+    Returns the statistics, the block outputs (when ``keep``) and the layers grouped by shared
+    input tensor on the first call, in running order.
+    """
     stats: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}  # fqn -> input tensor of the current call, in running order
 
     def hook_for(fqn: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -218,21 +237,40 @@ def _observe(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[Call
                 if fqn not in stats:
                     stats[fqn] = new_stat(fqn, module)
                 stats[fqn].update(args[0])
+                inputs.setdefault(fqn, args[0])
+            if stop_early and len(inputs) == len(layers):
+                raise _Captured
         return hook
 
-    outputs = []
+    outputs: list[Any] = []
+    groups: list[list[str]] = []
     with HookSet() as hooks:
         for fqn, module in layers.items():
             hooks.forward(module, hook_for(fqn))
         for args, kwargs in calls:
-            out = block(*args, **kwargs)
-            if keep:
-                outputs.append(_hidden_out(out))
-    return stats, outputs
+            inputs.clear()
+            with contextlib.suppress(_Captured):
+                out = block(*args, **kwargs)
+                if keep:
+                    outputs.append(_hidden_out(out))
+            groups = groups or _group_by_input(inputs)
+    return stats, outputs, groups
+
+
+def _group_by_input(inputs: Mapping[str, Any]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    last: Any = None
+    for fqn, x in inputs.items():
+        if groups and x is last:
+            groups[-1].append(fqn)
+        else:
+            groups.append([fqn])
+        last = x
+    return groups
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass after the first block's inputs."""
+    """Raised by a hook to stop a forward pass once it has seen what it needs."""
 
 
 def _plan(model: nn.Module, batches: list[Any]) -> tuple[list[tuple[str, nn.Module]], list[Call]]:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
+from torchslim.errors import DataError
+
 __all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tenso
         logger.warning("SparseGPT: Hessian not positive definite with damping %.3g; trying %.3g",
                        step, step * 10)
         step *= 10
-    raise RuntimeError(f"Hessian of shape {tuple(h.shape)} stays singular even with damping {step:.3g}")
+    raise DataError(f"the Hessian {tuple(h.shape)} of a layer's inputs stays singular even with "
+                    f"damping {step:.3g}; expected finite calibration inputs")
 
 
 @torch.no_grad()

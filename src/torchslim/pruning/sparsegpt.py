@@ -15,6 +15,7 @@ from torch import nn
 
 from torchslim.core import Context, MethodConfig, Outcome, check, register, surgery
 from torchslim.core.layerwise import BlockStep, InputGram, layerwise
+from torchslim.errors import DataError
 from torchslim.pruning._calibrated import (
     DEFAULT_TARGETS,
     calibration_inputs,
@@ -52,6 +53,10 @@ class SparseGPTPruningConfig(MethodConfig):
         block_size: Columns pruned together before the remaining columns are updated; a
             multiple of M for N:M.
         damping: Added to the Hessian ``2 X^T X / n`` diagonal, relative to its mean.
+        sequential: Within a block, measure each group of layers that share an input
+            (``q/k/v``, ``o``, ``gate/up``, ``down``) after pruning the groups before it, so
+            later layers compensate earlier errors (costs partial extra passes); False
+            measures all of a block's layers on its dense inputs, as the paper's code does.
         owl: OWL's lambda: block sparsities average ``sparsity`` and span ``2 * owl``,
             lower where more Wanda scores are outliers; 0 prunes every block to ``sparsity``.
         owl_threshold: A score is an outlier above this multiple of its block's mean score.
@@ -84,6 +89,7 @@ class SparseGPTPruningConfig(MethodConfig):
     pattern: str = "unstructured"
     block_size: int = 128
     damping: float = 0.01
+    sequential: bool = True
     owl: float = 0.0
     owl_threshold: float = 5.0
     batches: int = 128
@@ -113,22 +119,34 @@ def apply(model: nn.Module, cfg: SparseGPTPruningConfig, ctx: Context) -> Outcom
     inputs = calibration_inputs(model, ctx, cfg.batches, _NAME)
     allocation = owl_allocation(model, layers, inputs, cfg) if cfg.owl > 0 else {}
 
-    def prune(step: BlockStep) -> None:
-        sparsity = allocation.get(step.fqn, cfg.sparsity)
-        for fqn, module in step.layers.items():
-            if fqn not in step.stats:
-                logger.warning("%s: skipping %s, calibration never called it with an input", _NAME, fqn)
-                continue
-            new_weight, keep = sparsegpt_prune(
-                weight_of(module), step.stats[fqn].hessian(), sparsity=sparsity, nm=nm,
-                block_size=cfg.block_size, damping=cfg.damping)
-            with torch.no_grad():
-                base_weight(module).copy_(new_weight)
-            surgery.add_mask(module, "weight", keep)
-
     def new_stat(fqn: str, module: nn.Module) -> InputGram:
         return InputGram(int(weight_of(module).shape[1]), weight_of(module).device)
+
+    def prune(step: BlockStep) -> None:
+        sparsity = allocation.get(step.fqn, cfg.sparsity)
+        for fqn in sorted(set(step.layers) - set(step.stats)):
+            logger.warning("%s: skipping %s, calibration never called it with an input", _NAME, fqn)
+        stats = step.stats
+        for j, group in enumerate(step.groups):
+            if j and cfg.sequential:  # inputs as the already pruned layers of this block make them
+                stats = step.observe(group, new_stat)
+            for fqn in group:
+                _prune_layer(fqn, step.layers[fqn], stats[fqn], cfg, sparsity, nm)
 
     outside = layerwise(model, inputs, layers=layers, new_stat=new_stat, on_block=prune)
     warn_outside(outside, cfg, _NAME)
     return finish(model, layers, allocation, {"calibration_batches": float(len(inputs))})
+
+
+def _prune_layer(fqn: str, module: nn.Module, stat: InputGram, cfg: SparseGPTPruningConfig,
+                 sparsity: float, nm: tuple[int, int] | None) -> None:
+    """Write the OBS-updated weight into ``module`` and hold its zeros with a mask."""
+    hessian = stat.hessian()
+    if not torch.isfinite(hessian).all():
+        raise DataError(f"{_NAME}: the calibration inputs of {fqn} contain NaN or inf; "
+                        "expected finite activations")
+    new_weight, keep = sparsegpt_prune(weight_of(module), hessian, sparsity=sparsity, nm=nm,
+                                       block_size=cfg.block_size, damping=cfg.damping)
+    with torch.no_grad():
+        base_weight(module).copy_(new_weight)
+    surgery.add_mask(module, "weight", keep)
