@@ -82,6 +82,9 @@ def test_compress_writes_the_output_folder(tmp_path: Path) -> None:
     assert not (out / "checkpoints").exists()
     again = run_cli("report", str(out))
     assert again.returncode == 0, again.stderr
+    exported = run_cli("export", str(out), "--format", "onnx")
+    assert exported.returncode == 0, exported.stderr
+    assert (out / "model.onnx").is_file() and '"top1_agreement": "1.0"' in exported.stdout
 
 
 def test_methods_and_explain_cover_every_key() -> None:
