@@ -56,16 +56,13 @@ RUNS: dict[str, MethodConfig | None] = {
     "wanda-2:4": WandaPruningConfig(pattern="2:4"),
     "sparsegpt-50": SparseGPTPruningConfig(sparsity=0.5),
     "sparsegpt-2:4": SparseGPTPruningConfig(pattern="2:4"),
-    "sparsegpt-50-nonseq": SparseGPTPruningConfig(sparsity=0.5, sequential=False),
-    "sparsegpt-2:4-nonseq": SparseGPTPruningConfig(pattern="2:4", sequential=False),
     "wanda-50-owl": WandaPruningConfig(sparsity=0.5, owl=0.08),
     "sparsegpt-50-owl": SparseGPTPruningConfig(sparsity=0.5, owl=0.08),
 }
 # Measured on this protocol for ASSETS.md (same windows, same machine type), not in this run.
 REFERENCE = {"magnitude-50": 467.3, "wanda-50": 68.79, "wanda-2:4": 258.3, "sparsegpt-50": 54.60,
-             "sparsegpt-2:4": 91.70, "sparsegpt-50-nonseq": 54.60, "sparsegpt-2:4-nonseq": 91.70}
-LLMCOMPRESSOR = {"wanda-50": 68.96, "sparsegpt-50": 54.69, "sparsegpt-2:4": 96.33, "sparsegpt-50-nonseq": 54.69,
-                 "sparsegpt-2:4-nonseq": 96.33}
+             "sparsegpt-2:4": 91.70}
+LLMCOMPRESSOR = {"wanda-50": 68.96, "sparsegpt-50": 54.69, "sparsegpt-2:4": 96.33}
 
 
 def _rss_mb() -> float:
@@ -204,14 +201,21 @@ NOTES = [
     "calibration windows, then score with `torchslim.zoo.llm.perplexity`.",
     "- `magnitude-50` is `pruning.magnitude` with per-layer ranking (the reference's 467.3 ranks per "
     "output row); `magnitude-2:4` is `pruning.nm` by `|w|`.",
-    "- `sparsegpt-*` runs use the default `sequential: true` (within a decoder layer, q/k/v, o, gate/up "
-    "and down are calibrated in turn on the outputs of the already pruned ones); `-nonseq` runs calibrate "
-    "all seven on the layer's dense inputs, as the paper's code and llm-compressor do.",
+    "- Tried and dropped: calibrating q/k/v, o, gate/up and down of each decoder layer in turn on the "
+    "outputs of the already pruned ones (GPTQ's 'true sequential'; `BlockStep.observe`) gave SparseGPT "
+    "50% a perplexity of 54.92, worse than the 54.74 of calibrating all seven on the layer's inputs as "
+    "the paper's code does.",
     "- `-owl` runs: outlier-weighed per-layer sparsity (OWL, lambda 0.08, threshold 5) at the same "
-    "50% average, from a dense Wanda-score pass; the paper's defaults, not tuned on these windows.",
+    "50% average, from a dense Wanda-score pass; the paper's defaults, not tuned on these windows. "
+    "On this model at 50% OWL made both Wanda and SparseGPT worse (the OWL paper's gains are at "
+    "70% and above), so it stays off by default.",
     "- Peak RSS during a run is sampled every 50 ms and includes the loaded model and tokenizer; the "
     "process peak includes loading the GGUF file. Calibration runs layer by layer "
     "(`torchslim.core.layerwise`): model plus one decoder layer's inputs and outputs for 32 windows.",
+    "- Wall times depend on the load of the 2 cores, which other jobs share; `threads` is the torch "
+    "thread count of each run (`--threads`). Under a load average of 3-8, 2 threads stalled on small "
+    "kernels (a Wanda run took 1025 s) and 1 thread was about 5x faster. On an idle machine an eval "
+    "pass takes ~31 s (ASSETS.md).",
     "- Sparse weights run no faster on CPU; the point here is quality at a given sparsity.",
 ]
 

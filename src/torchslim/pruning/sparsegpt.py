@@ -53,10 +53,6 @@ class SparseGPTPruningConfig(MethodConfig):
         block_size: Columns pruned together before the remaining columns are updated; a
             multiple of M for N:M.
         damping: Added to the Hessian ``2 X^T X / n`` diagonal, relative to its mean.
-        sequential: Within a block, measure each group of layers that share an input
-            (``q/k/v``, ``o``, ``gate/up``, ``down``) after pruning the groups before it, so
-            later layers compensate earlier errors (costs partial extra passes); False
-            measures all of a block's layers on its dense inputs, as the paper's code does.
         owl: OWL's lambda: block sparsities average ``sparsity`` and span ``2 * owl``,
             lower where more Wanda scores are outliers; 0 prunes every block to ``sparsity``.
         owl_threshold: A score is an outlier above this multiple of its block's mean score.
@@ -89,7 +85,6 @@ class SparseGPTPruningConfig(MethodConfig):
     pattern: str = "unstructured"
     block_size: int = 128
     damping: float = 0.01
-    sequential: bool = True
     owl: float = 0.0
     owl_threshold: float = 5.0
     batches: int = 128
@@ -124,14 +119,11 @@ def apply(model: nn.Module, cfg: SparseGPTPruningConfig, ctx: Context) -> Outcom
 
     def prune(step: BlockStep) -> None:
         sparsity = allocation.get(step.fqn, cfg.sparsity)
-        for fqn in sorted(set(step.layers) - set(step.stats)):
-            logger.warning("%s: skipping %s, calibration never called it with an input", _NAME, fqn)
-        stats = step.stats
-        for j, group in enumerate(step.groups):
-            if j and cfg.sequential:  # inputs as the already pruned layers of this block make them
-                stats = step.observe(group, new_stat)
-            for fqn in group:
-                _prune_layer(fqn, step.layers[fqn], stats[fqn], cfg, sparsity, nm)
+        for fqn, module in step.layers.items():
+            if fqn not in step.stats:
+                logger.warning("%s: skipping %s, calibration never called it with an input", _NAME, fqn)
+                continue
+            _prune_layer(fqn, module, step.stats[fqn], cfg, sparsity, nm)
 
     outside = layerwise(model, inputs, layers=layers, new_stat=new_stat, on_block=prune)
     warn_outside(outside, cfg, _NAME)
