@@ -23,8 +23,9 @@ from torchslim.errors import ModelError, OutputError
 from torchslim.recipes import Recipe, load_recipe
 from torchslim.report.record import DeploymentRow, RunRecord
 from torchslim.runner import Result, compress
+from torchslim.train import distributed
 
-__all__ = ["check_out_dir", "deploy_rows", "is_run_folder", "run_job"]
+__all__ = ["check_out_dir", "deploy_rows", "is_run_folder", "launch", "run_job"]
 
 logger = logging.getLogger(__name__)
 _OURS = ("record.json", "structure.json", "checkpoints")
@@ -60,9 +61,14 @@ def run_job(
     progress: bool = True,
     quick: bool = False,
 ) -> RunRecord:
-    """Run a recipe from the command line's point of view and write the output folder."""
+    """Run a recipe from the command line's point of view and write the output folder.
+
+    Under ``torchrun`` every process runs the whole job (training is data-parallel) and only
+    rank 0 writes the output folder.
+    """
     from torchslim.adapters import resolve_data, resolve_model
 
+    distributed.init_from_env()
     recipe = recipe_source if isinstance(recipe_source, Recipe) else load_recipe(recipe_source)
     spec = model_spec or recipe.model
     if spec is None:
@@ -73,15 +79,51 @@ def run_job(
     data = resolve_data(recipe.data, quick=quick)
     model, build = resolve_model(spec, quick=quick, progress=progress)
     recipe = dataclasses.replace(recipe, model=spec)
-    if out.exists() and not resume:
-        _clear(out)
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every process has checked its inputs before anything is written
+    if distributed.is_main():
+        if out.exists() and not resume:
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     ctx = Context(example_inputs=data.example_inputs, calib_data=data.calib, train_data=data.train,
                   eval_fn=data.eval_fn, workdir=out / "checkpoints", progress=progress)
     original = copy.deepcopy(model).eval()
     result = compress(model, recipe, ctx, resume=resume)
-    _finish(result, original, ctx, recipe, out)
+    if distributed.is_main():
+        _finish(result, original, ctx, recipe, out)
+    distributed.barrier()
     return result.record
+
+
+def launch(argv: list[str], nproc: int, *, check: tuple[str, Path, bool, bool] | None = None) -> int:
+    """Run ``torchslim <argv>`` in ``nproc`` data-parallel processes through ``torchrun``.
+
+    Args:
+        argv: The command line for each process (without ``--nproc``).
+        nproc: Number of processes on this machine (gloo on CPU, nccl on GPU).
+        check: ``(recipe, out, resume, overwrite)`` to validate here first, so bad input fails
+            once, with exit code 2, before any process starts.
+
+    Returns:
+        torchrun's exit code.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if check is not None:
+        load_recipe(check[0])
+        check_out_dir(check[1], resume=check[2], overwrite=check[3])
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = max((os.cpu_count() or 1) // nproc, 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "torchslim.cli", *argv]
+    logger.info("launching %d processes: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd, env=env, check=False).returncode
 
 
 def _clear(out: Path) -> None:

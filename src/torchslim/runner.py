@@ -23,7 +23,7 @@ from torchslim.core.storage import load_state_dict_into, save_state_dict
 from torchslim.measure.metrics import environment, measure_all
 from torchslim.recipes import Recipe, Stage, load_recipe
 from torchslim.report.record import MetricsRow, OutcomeRow, RunRecord
-from torchslim.train import fit
+from torchslim.train import distributed, fit
 
 __all__ = ["Result", "apply", "compress"]
 
@@ -126,7 +126,7 @@ def _record(record: RunRecord, stage: str, cfg: MethodConfig, outcome: Outcome, 
 
 
 def _save_stage(model: nn.Module, ctx: Context, record: RunRecord) -> None:
-    if ctx.workdir is None:
+    if ctx.workdir is None or not distributed.is_main():
         return
     ops = structure.capture(model, record.structure)
     save_state_dict(model, ctx.workdir / "stage.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-torchslim folder")
     comp.add_argument("--quick", action="store_true", help="small data slices (smoke test)")
+    comp.add_argument("--nproc", type=int, default=1,
+                      help="data-parallel processes on this machine (launches torchrun; default 1)")
     methods = sub.add_parser("methods", help="list every method with a one-line summary")
     methods.add_argument("--technique", help="only this family, e.g. pruning")
     explain = sub.add_parser("explain", help="document one method: paper, fields, recipe example")
@@ -47,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.INFO
+    args.argv = argv
+    worker = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
+    level = logging.WARNING if args.quiet or worker else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return commands.dispatch(args)

@@ -8,7 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from torchslim.errors import ModelError, OutputError
+from torchslim.errors import ConfigError, ModelError, OutputError
 
 __all__ = ["dispatch"]
 
@@ -43,12 +43,30 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from torchslim.job import run_job
+    from torchslim.job import launch, run_job
 
     out = Path(args.out)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1; found {args.nproc}")
+    if args.nproc > 1:
+        argv = _without_nproc(args.argv)
+        return launch(argv, args.nproc, check=(args.recipe, out, args.resume, args.overwrite))
     record = run_job(args.recipe, out, model_spec=args.model, resume=args.resume,
                      overwrite=args.overwrite, quick=args.quick, progress=not args.quiet)
     return _print_result(args, record, out)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _methods(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 It checkpoints every epoch (``train-<epoch>.pt``) and resumes from the latest checkpoint to
 the same result as an uninterrupted run: each epoch's data order and random state are
 seeded from ``(seed, epoch)``, so nothing depends on how many epochs ran in this process.
+Under ``torchrun`` it trains data-parallel without any change to the caller (see
+``torchslim.train.distributed``): ``batch_size`` is the global batch and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torchslim.core.context import Context
 from torchslim.core.lifecycle import Step, TrainedMethod
 from torchslim.errors import DataError
 from torchslim.recipes.schema import TrainSpec
+from torchslim.train import distributed
 from torchslim.train.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint
 
 __all__ = ["fit", "to_device", "task_loss"]
@@ -51,11 +54,18 @@ def task_loss(outputs: Any, targets: Any) -> torch.Tensor:
 
 def _epoch_batches(data: Any, spec: TrainSpec, seed: int, epoch: int) -> Iterable[Any]:
     torch.manual_seed(seed * 100_003 + epoch)  # dropout, shuffling of user loaders
+    rank, size = distributed.world()
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        if size > 1:  # the single-process batches, each split into one shard per process
+            shards = distributed.ShardedBatches(len(data), spec.batch_size, generator, rank, size)
+            return torch.utils.data.DataLoader(data, batch_sampler=shards, generator=generator)
         return torch.utils.data.DataLoader(
             data, batch_size=spec.batch_size, shuffle=True, generator=generator
         )
+    if size > 1:
+        raise DataError(f"data-parallel training ({size} processes) needs ctx.train_data to be a "
+                        f"Dataset with a length, to shard it; found {type(data).__name__}")
     return data  # type: ignore[no-any-return]
 
 
@@ -97,6 +107,8 @@ class _Run:
     scheduler: Any
     teacher_fn: Any
     total: int
+    forward: nn.Module
+    history: list[float] | None = None
     bar: Any = None
 
 
@@ -108,15 +120,21 @@ def fit(
     *,
     teacher: nn.Module | None = None,
     checkpoint_dir: Path | None = None,
+    history: list[float] | None = None,
 ) -> nn.Module:
     """Train ``model`` with the task loss plus every method's terms; return it.
 
     Resumes from the latest ``train-<epoch>.pt`` in ``checkpoint_dir`` when one exists.
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls it with the same arguments.
+
+    Args:
+        history: When given, the loss of every step (averaged over processes) is appended.
     """
     if ctx.train_data is None:
         raise DataError("this stage trains, but ctx.train_data is None (expected (inputs, targets) batches)")
     was_training = model.training
     device = torch.device(ctx.device)
+    distributed.init_from_env(device)
     model.to(device)
     if teacher is not None:  # methods that hook the teacher (features, attention) find it here
         ctx = dataclasses.replace(ctx, teacher=teacher)
@@ -129,14 +147,17 @@ def fit(
     optimizer = _optimizer(params, spec)
     _, total = _plan(ctx.train_data, spec)
     run = _Run(model, methods, spec, ctx, params, optimizer, _scheduler(optimizer, spec, total),
-               _teacher_fn(teacher, device), total)
+               _teacher_fn(teacher, device), total, forward=model, history=history)
     epoch, step = _restore(checkpoint_dir, run)
-    run.bar = _progress(ctx.progress, total, step)
+    run.forward = distributed.wrap(model)  # after restoring: DDP broadcasts rank 0's weights
+    distributed.broadcast([p for m in methods for p in m.parameters()])
+    run.bar = _progress(ctx.progress and distributed.is_main(), total, step)
     while step < total:
         step = _run_epoch(run, epoch, step)
         epoch += 1
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and distributed.is_main():
             _save(checkpoint_dir, epoch, step, run)
+        distributed.barrier()
     if run.bar is not None:
         run.bar.close()
     model.train(was_training)
@@ -162,7 +183,7 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
         if step >= run.total:
             break
         inputs, targets = _split(to_device(batch, device))
-        outputs = run.model(inputs)
+        outputs = run.forward(inputs)
         st = Step(step, inputs, targets, outputs, run.model, run.teacher_fn, total=run.total)
         loss = loss_fn(outputs, targets) * weight if weight else outputs_zero(outputs)
         for m in run.methods:
@@ -171,14 +192,16 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
         if not torch.isfinite(loss):
             raise DataError(f"training loss became {loss.item()} at step {step}; lower the lr")
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss = _backward(run, loss, _batch_size(inputs))
         if run.spec.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(run.params, run.spec.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
         for m in run.methods:
             m.on_step(st)
-        step, batches, loss_sum = step + 1, batches + 1, loss_sum + float(loss.detach())
+        step, batches, loss_sum = step + 1, batches + 1, loss_sum + float(loss)
+        if run.history is not None:
+            run.history.append(float(loss))
         seen += _batch_size(inputs)
         if run.bar is not None:
             rate = seen / max(time.perf_counter() - started, 1e-9)
@@ -186,6 +209,18 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
             run.bar.update(1)
     logger.info("epoch %d: mean loss %.4f over %d steps", epoch + 1, loss_sum / max(batches, 1), batches)
     return step
+
+
+def _backward(run: _Run, loss: torch.Tensor, local: int) -> torch.Tensor:
+    """Backpropagate this process's share of the global mean loss; return the global loss."""
+    if distributed.world()[1] == 1:
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss.detach()
+    total = distributed.global_batch_size(local)
+    shard = loss * distributed.shard_weight(local, distributed.world()[1], total)
+    shard.backward()  # type: ignore[no-untyped-call]  # DDP averages the model's gradients
+    distributed.sync_grads([p for m in run.methods for p in m.parameters()])
+    return distributed.all_mean(shard.detach())
 
 
 def outputs_zero(outputs: Any) -> torch.Tensor:
