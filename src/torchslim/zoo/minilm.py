@@ -19,7 +19,7 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,21 @@ class MiniLMEncoder(nn.Module):
         super().__init__()
         self.bert = bert
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``(input_ids, attention_mask)``, or of one mapping holding both keys.
+
+        The mapping form lets the training driver, which passes one input object, feed
+        tokenizer batches directly.
+        """
+        if isinstance(input_ids, Mapping):
+            batch = input_ids
+            ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        else:
+            ids = input_ids
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        hidden = self.bert(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         return nn.functional.normalize(pooled, dim=-1)
