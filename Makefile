@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) data
 
-# Fashion-MNIST (full 60k/10k) from Debian; needs root or sudo once.
+# Debian packages: Fashion-MNIST (full 60k/10k) and headless Chromium for the report's browser
+# test; needs root or sudo once.
+DEBS := dataset-fashion-mnist chromium chromium-driver
 data:
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	@dpkg -s $(DEBS) >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DEBS); }
 
 demo: setup
 	$(PYTHON) -m torchslim.cli demo --out runs/demo
