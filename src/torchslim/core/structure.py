@@ -6,6 +6,7 @@ imports or executes anything named in the file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -108,6 +109,9 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     return ops
 
 
+MAX_ELEMENTS = 2**31  # per module or tensor: above any model here (8 GB in fp32), below a corrupt size
+
+
 def _build(spec: Any, where: str) -> nn.Module:
     if not isinstance(spec, dict) or spec.get("cls") not in _BUILDERS:
         raise OutputError(f"{where}: unknown module class {spec!r} in structure.json")
@@ -118,8 +122,16 @@ def _build(spec: Any, where: str) -> nn.Module:
     kwargs = {k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v
               for k, v in kwargs.items()}
     try:
+        with torch.device("meta"):  # count the elements before allocating anything
+            numel = sum(t.numel() for t in (*cls(**kwargs).parameters(), *cls(**kwargs).buffers()))
+    except Exception:  # noqa: BLE001 -- a class that cannot be built on meta is built for real below
+        numel = 0
+    if numel > MAX_ELEMENTS:
+        raise OutputError(f"{where}: {spec['cls']}({kwargs}) would hold {numel:,} elements; "
+                          f"expected at most {MAX_ELEMENTS:,} (a corrupt structure.json?)")
+    try:
         module = cls(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise OutputError(f"{where}: cannot build {spec['cls']}({kwargs}): {exc}") from exc
     dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
@@ -173,7 +185,8 @@ def _resize(target: nn.Module, shapes: Any, where: str) -> None:
         raise OutputError(f"{where}: 'shapes' must map tensor names to shapes, found {shapes!r}")
     for name, shape in shapes.items():
         old = getattr(target, name, None) if isinstance(name, str) else None
-        valid = isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+        valid = (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+                 and math.prod(shape) <= MAX_ELEMENTS)
         if not isinstance(old, torch.Tensor) or not valid:
             raise OutputError(f"{where}: cannot resize {name!r} of {type(target).__name__} to {shape!r}")
         new = torch.empty(shape, dtype=old.dtype, device=old.device)
