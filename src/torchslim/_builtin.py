@@ -5,6 +5,8 @@ from torchslim.distillation import attention as _attention  # noqa: F401
 from torchslim.distillation import features as _features  # noqa: F401
 from torchslim.distillation import logits as _logits  # noqa: F401
 from torchslim.distillation import relational as _relational  # noqa: F401
+from torchslim.lowrank import drone as _drone  # noqa: F401
+from torchslim.lowrank import svd as _svd  # noqa: F401
 from torchslim.pruning import channel as _channel  # noqa: F401
 from torchslim.pruning import gradual as _gradual  # noqa: F401
 from torchslim.pruning import magnitude as _magnitude  # noqa: F401
