@@ -1,5 +1,7 @@
 """Quantization: fewer bits per weight and activation, run with real integer kernels."""
 
 from torchslim.quantization.dynamic import DynamicQuantizationConfig
+from torchslim.quantization.packed import WeightOnlyLinear
+from torchslim.quantization.weight_only import WeightOnlyConfig
 
-__all__ = ["DynamicQuantizationConfig"]
+__all__ = ["DynamicQuantizationConfig", "WeightOnlyConfig", "WeightOnlyLinear"]
