@@ -1,0 +1,79 @@
+"""GPTQ's column-by-column quantization with Hessian-based error compensation, for one layer.
+
+Frantar et al. 2023 (https://arxiv.org/abs/2210.17323): columns are quantized in blocks; each
+column's rounding error, divided by the matching diagonal entry of the upper Cholesky factor
+of ``H^-1``, is spread over the columns not yet quantized, so the layer's output error on the
+calibration inputs (``H = 2 X^T X / n``) stays small. With activation ordering the columns go
+in order of decreasing ``diag(H)``; group scales are then fixed beforehand from the original
+weight ("static groups"), so every group keeps contiguous columns and the packed layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from torchslim.errors import DataError
+from torchslim.quantization.packed import quantize_groups
+
+__all__ = ["gptq_quantize"]
+
+logger = logging.getLogger(__name__)
+
+
+def _inverse_factor(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``; damping raised if needed."""
+    scale = float(h.diagonal().mean()) or 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    step = damping
+    for _ in range(6):
+        lower, info = torch.linalg.cholesky_ex(h + step * scale * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                factor: torch.Tensor = upper
+                return factor
+        logger.warning("GPTQ: Hessian not positive definite with damping %.3g; trying %.3g", step, step * 10)
+        step *= 10
+    raise DataError(f"GPTQ: the Hessian {tuple(h.shape)} of a layer's inputs stays singular with damping "
+                    f"{step:.3g}; expected finite calibration inputs")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
+                  symmetric: bool = False, act_order: bool = True, damping: float = 0.01,
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (out, in) uint8, scales and zero points (out, in / group_size) for ``weight``."""
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n_in = w.shape[1]
+    _, scale, zero = quantize_groups(w, bits, group_size, symmetric)  # static groups
+    scale, zero = scale.double(), zero.double()
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_factor(h, damping)
+    codes = torch.zeros_like(w)
+    top = 2**bits - 1
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        block, errors = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            if not act_order and col % group_size == 0:  # dynamic groups follow the updated weight
+                _, s, z = quantize_groups(torch.cat([block[:, i:], w[:, i2:]], 1)[:, :group_size],
+                                          bits, group_size, symmetric)
+                scale[:, col // group_size], zero[:, col // group_size] = s[:, 0].double(), z[:, 0].double()
+            g = col // group_size
+            q = torch.clamp(torch.round(block[:, i] / scale[:, g]) + zero[:, g], 0, top)
+            codes[:, i1 + i] = q
+            err = (block[:, i] - (q - zero[:, g]) * scale[:, g]) / hinv[i1 + i, i1 + i]
+            block[:, i:] -= err[:, None] * hinv[i1 + i, i1 + i:i2][None, :]
+            errors[:, i] = err
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out.to(torch.uint8), scale.float(), zero.float()

@@ -1,0 +1,131 @@
+"""GPTQ: one-shot weight-only quantization with second-order error compensation, block by block."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from torchslim.core import Context, MethodConfig, Outcome, check, first_batch_inputs, register, surgery
+from torchslim.core.layerwise import BlockStep, InputGram, layerwise
+from torchslim.errors import DataError
+from torchslim.quantization._gptq import gptq_quantize
+from torchslim.quantization.packed import WeightOnlyLinear
+from torchslim.quantization.weight_only import group_size_for, quantizable_linears
+
+__all__ = ["GPTQConfig", "apply"]
+
+logger = logging.getLogger(__name__)
+_NAME = "quantization.gptq"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig(MethodConfig):
+    """Quantize weights column by column, pushing each rounding error onto the columns left.
+
+    Paper: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+    Pre-trained Transformers", ICLR 2023, https://arxiv.org/abs/2210.17323
+
+    Args:
+        bits: Bits per weight, 2..8.
+        group_size: Input columns sharing one scale and zero point; 0: one group per row.
+        symmetric: Zero point fixed at the middle code; False fits each group's range.
+        act_order: Quantize columns in order of decreasing input energy (``diag(H)``), with
+            group scales fixed beforehand from the original weight (static groups).
+        damping: Added to the Hessian's diagonal, relative to its mean.
+        block_size: Columns quantized together before the rest are updated (speed only).
+        batches: Calibration batches read from ``ctx.calib_data``.
+        targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
+        ignore: Selectors removed from ``targets``.
+
+    Recipe:
+        - method: quantization.gptq
+          bits: 4
+          group_size: 64
+          act_order: true
+
+    Notes:
+        Calibration runs block by block (``torchslim.core.layerwise``): each decoder layer's
+        Linears see the inputs that the already quantized layers before them produce, with the
+        KV cache off, and peak memory stays near the model plus one block's activations. The
+        result is the same packed ``WeightOnlyLinear`` as ``quantization.weight_only`` (int4:
+        two codes per byte, dequantised on the fly). Tied weights (a tied ``lm_head``) and
+        Linear subclasses stay float with a warning; a ``group_size`` that does not divide a
+        layer is an error naming it. Needs ``ctx.calib_data`` (never the evaluation text).
+    """
+
+    name: ClassVar[str] = _NAME
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+    act_order: bool = True
+    damping: float = 0.01
+    block_size: int = 128
+    batches: int = 128
+    targets: tuple[str, ...] = ("type:Linear",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check(2 <= self.bits <= 8, f"{_NAME}: bits must be an integer in 2..8; found {self.bits!r}")
+        check(self.group_size >= 0, f"{_NAME}: group_size must be >= 0; found {self.group_size!r}")
+        check(self.damping >= 0, f"{_NAME}: damping must be >= 0; found {self.damping!r}")
+        check(self.block_size >= 1 and self.batches >= 1,
+              f"{_NAME}: block_size and batches must be >= 1; found {self.block_size}, {self.batches}")
+
+
+def _inputs(model: nn.Module, ctx: Context, n: int) -> list[Any]:
+    data = ctx.calibration_batches(_NAME)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        data = torch.utils.data.DataLoader(data, batch_size=32)
+    batches = [first_batch_inputs(b) for b in itertools.islice(iter(data), n)]
+    if not batches:
+        raise DataError(f"{_NAME}: needs at least one calibration batch; ctx.calib_data gave none")
+    return batches
+
+
+def _gram(fqn: str, module: nn.Module) -> InputGram:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return InputGram(int(weight.shape[1]), weight.device)
+
+
+@register(GPTQConfig)
+def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> Outcome:
+    """Quantize every selected Linear with GPTQ, one block of the model at a time."""
+    layers = quantizable_linears(model, cfg.targets, cfg.ignore, _NAME)
+    groups = {fqn: group_size_for(fqn, m.in_features, cfg.group_size, _NAME) for fqn, m in layers.items()}
+    if not layers:
+        logger.warning("%s: no selected plain nn.Linear with an untied weight; nothing to do", _NAME)
+        return Outcome(model=model)
+    done: list[str] = []
+
+    def quantize(step: BlockStep) -> None:
+        made = {}
+        for fqn, module in step.layers.items():
+            if fqn not in step.stats:
+                logger.warning("%s: %s never received an input during calibration; left float", _NAME, fqn)
+                continue
+            hessian = step.stats[fqn].hessian()
+            if not torch.isfinite(hessian).all():
+                raise DataError(f"{_NAME}: the calibration inputs of {fqn} contain NaN or inf")
+            assert isinstance(module, nn.Linear)
+            codes, scale, zero = gptq_quantize(module.weight, hessian, bits=cfg.bits, group_size=groups[fqn],
+                                               symmetric=cfg.symmetric, act_order=cfg.act_order,
+                                               damping=cfg.damping, block_size=cfg.block_size)
+            made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, cfg.bits, module.bias).to(
+                module.weight.device).train(module.training)
+        done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
+
+    outside = layerwise(model, _inputs(model, ctx, cfg.batches), layers=layers,
+                        new_stat=_gram, on_block=quantize)
+    if outside:
+        logger.warning("%s: %d selected layer(s) lie outside the model's repeated blocks and stay float "
+                       "(select them alone in a second method to quantize them): %s",
+                       _NAME, len(outside), ", ".join(outside))
+    return Outcome(model=model, touched=tuple(done), structure={f: {} for f in done},
+                   stats={"bits": cfg.bits, "group_size": cfg.group_size, "layers": len(done)},
+                   layers={f: {"bits": cfg.bits, "group_size": groups[f]} for f in done})
