@@ -33,7 +33,7 @@ from pruning_llm import PeakRSS  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantization-llm.md"
 STATE = DOC.with_suffix(".json")
-DECODER = (r"re:model\.layers\.\d+\..*",)
+DECODER = (r"re:model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",)
 RUNS: dict[str, MethodConfig | None] = {
     "fp32": None,
     "rtn-w8": WeightOnlyConfig(bits=8, group_size=64, targets=DECODER),
