@@ -139,7 +139,8 @@ def test_structure_json_reader_never_crashes(tmp_path_factory: pytest.TempPathFa
 def _encoded_once() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
     weight[weight.abs() < 1.0] = 0.0
-    return storage.encode({"w": weight, "b": torch.zeros(16), "tied": weight})
+    indices = (weight.abs() * 4).clamp(max=31).to(torch.uint8)  # Huffman-coded (sharing.huffman)
+    return storage.encode({"w": weight, "b": torch.zeros(16), "tied": weight, "idx": indices}, {"idx"})
 
 
 def _encoded() -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -17,4 +17,5 @@ from torchslim.pruning import wanda as _wanda  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401
+from torchslim.sharing import huffman as _huffman  # noqa: F401
 from torchslim.sharing import kmeans as _kmeans  # noqa: F401

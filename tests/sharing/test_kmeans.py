@@ -76,3 +76,31 @@ def test_file_shrinks_and_reloads_exactly(tmp_path: Path) -> None:
 def test_bits_outside_1_to_16_are_refused() -> None:
     with pytest.raises(ConfigError, match="bits must be an integer in 1..16"):
         KMeansSharingConfig(bits=17)
+
+
+def test_huffman_coded_indices_shrink_the_file_and_reload_bit_exact(tmp_path: Path) -> None:
+    from torchslim.sharing import HuffmanConfig
+
+    model, x = _cnn(), torch.randn(2, 1, 8, 8)
+    with torch.no_grad():  # 80% pruned: the pinned zero dominates the indices
+        for m in (model[0], model[3]):
+            m.weight[m.weight.abs() < m.weight.abs().quantile(0.8)] = 0.0
+    stage = Stage(name="share", methods=(KMeansSharingConfig(bits=5), HuffmanConfig()))
+    plain = ts.compress(_cnn(), Recipe.single(KMeansSharingConfig(bits=5)), ts.Context())
+    result = ts.compress(model, Recipe(stages=(stage,), measure=()), ts.Context())
+    row = result.record.outcomes[-1]
+    assert row.method == "sharing.huffman" and 0 < row.stats["bits_per_weight"] < 2.5
+    assert serialized_size(result.model) < 0.5 * serialized_size(plain.model)
+    save(result, tmp_path / "run")
+    reloaded = load(tmp_path / "run", _cnn)
+    assert reloaded[3].entropy_coded
+    assert torch.equal(reloaded[3].indices, result.model[3].indices)
+    torch.testing.assert_close(reloaded(x), result.model(x), rtol=0, atol=0)
+
+
+def test_huffman_without_clustered_layers_says_what_to_do() -> None:
+    from torchslim.errors import UnsupportedModuleError
+    from torchslim.sharing import HuffmanConfig
+
+    with pytest.raises(UnsupportedModuleError, match="run sharing.kmeans first"):
+        ts.apply(_cnn(), HuffmanConfig(), ts.Context())

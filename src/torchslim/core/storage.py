@@ -1,7 +1,9 @@
 """Compact, exact weight files: safetensors with bitmask-encoded sparse tensors.
 
 A tensor whose zeros make it cheaper stored as (packed bitmask, nonzero values) is stored
-that way; tied tensors are stored once. Decoding gives back every tensor bit for bit.
+that way; tied tensors are stored once; integer tensors of modules that ask for entropy coding
+(``entropy_coded = True``, e.g. cluster indices after ``sharing.huffman``) are Huffman-coded
+when that is smaller. Decoding gives back every tensor bit for bit.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.core import huffman
 from torchslim.errors import OutputError
 
-__all__ = ["decode", "encode", "load_state_dict_into", "read_state_dict", "save_state_dict",
+__all__ = ["decode", "encode", "entropy_coded", "load_state_dict_into", "read_state_dict", "save_state_dict",
            "serialized_size", "temp_path"]
 
 _META_KEY = "torchslim.encoding"
@@ -33,8 +36,15 @@ def _bitmask_pays(t: torch.Tensor) -> bool:
     return math.ceil(t.numel() / 8) + nnz * t.element_size() < t.numel() * t.element_size()
 
 
-def encode(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors to write, safetensors metadata) for a state dict."""
+def entropy_coded(model: nn.Module) -> set[str]:
+    """State-dict names of the ``indices`` of modules flagged ``entropy_coded``."""
+    return {f"{fqn}.indices" if fqn else "indices" for fqn, m in model.named_modules()
+            if getattr(m, "entropy_coded", False) and isinstance(getattr(m, "indices", None), torch.Tensor)}
+
+
+def encode(state: Mapping[str, torch.Tensor], entropy: set[str] | frozenset[str] = frozenset(),
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, safetensors metadata) for a state dict; ``entropy``: names to Huffman-code."""
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, object]] = {}
     seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
@@ -46,7 +56,9 @@ def encode(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             info[name] = {"format": "alias", "of": seen[ident]}
             continue
         seen[ident] = name
-        if _bitmask_pays(t):
+        if name in entropy and not t.dtype.is_floating_point and (spec := _encode_huffman(name, t, tensors)):
+            info[name] = spec
+        elif _bitmask_pays(t):
             info[name] = _encode_bitmask(name, t, tensors)
         else:
             tensors[name] = t.contiguous().clone()
@@ -70,6 +82,32 @@ def _encode_bitmask(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor]
             tensors[f"{name}::negative_zeros"] = torch.from_numpy(np.packbits(negative.numpy()))
             spec["negative_zeros"] = True
     return spec
+
+
+def _encode_huffman(name: str, t: torch.Tensor,
+                    tensors: dict[str, torch.Tensor]) -> dict[str, object] | None:
+    """Huffman-code an integer tensor if that is smaller than storing it as is."""
+    if t.numel() == 0 or int(t.min()) < 0:
+        return None
+    coded = huffman.encode(t.flatten().numpy())
+    if coded is None or coded[0].size + 5 * coded[1].size >= t.numel() * t.element_size():
+        return None
+    tensors[f"{name}::huffman"] = torch.from_numpy(coded[0])
+    tensors[f"{name}::symbols"] = torch.from_numpy(coded[1])
+    tensors[f"{name}::lengths"] = torch.from_numpy(coded[2])
+    return {"format": "huffman", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def _decode_huffman(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    shape = [int(s) for s in spec["shape"]]
+    numel = math.prod(shape)
+    stream = tensors[f"{name}::huffman"].numpy()
+    if min(shape, default=1) < 0 or numel > 8 * stream.size:
+        raise ValueError(f"{name}: shape {shape} does not fit a stream of {stream.size} bytes")
+    dtype = getattr(torch, str(spec["dtype"]))
+    symbols, lengths = tensors[f"{name}::symbols"].numpy(), tensors[f"{name}::lengths"].numpy()
+    values = huffman.decode(stream, symbols, lengths, numel)
+    return torch.from_numpy(values).to(dtype).view(shape)
 
 
 def _decode_bitmask(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -101,6 +139,8 @@ def decode(
         for name, spec in info.items():
             if spec["format"] == "bitmask":
                 out[name] = _decode_bitmask(name, spec, tensors)
+            elif spec["format"] == "huffman":
+                out[name] = _decode_huffman(name, spec, tensors)
         for name, spec in info.items():
             if spec["format"] == "alias":
                 out[name] = out[spec["of"]]
@@ -113,7 +153,7 @@ def save_state_dict(model: nn.Module, path: Path, metadata: Mapping[str, str] | 
     """Write ``model.state_dict()`` to ``path`` atomically; return the file size in bytes."""
     from safetensors.torch import save_file
 
-    tensors, meta = encode(model.state_dict())
+    tensors, meta = encode(model.state_dict(), entropy_coded(model))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
@@ -187,5 +227,5 @@ def serialized_size(model: nn.Module) -> int:
     """Bytes of the model's weights as ``save_state_dict`` writes them."""
     from safetensors.torch import save
 
-    tensors, meta = encode(model.state_dict())
+    tensors, meta = encode(model.state_dict(), entropy_coded(model))
     return len(save(tensors, metadata=meta))

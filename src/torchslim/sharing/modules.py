@@ -22,6 +22,7 @@ class _Clustered(nn.Module):
     """Shared part: ``indices`` (buffer) into ``codebook`` (trained parameter)."""
 
     _torchslim_converted = True
+    entropy_coded = False  # set by sharing.huffman: the saved indices are Huffman-coded
     indices: torch.Tensor
     codebook: nn.Parameter
 
