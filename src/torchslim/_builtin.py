@@ -14,6 +14,7 @@ from torchslim.pruning import nm as _nm  # noqa: F401
 from torchslim.pruning import snip as _snip  # noqa: F401
 from torchslim.pruning import sparsegpt as _sparsegpt  # noqa: F401
 from torchslim.pruning import wanda as _wanda  # noqa: F401
+from torchslim.quantization import awq as _awq  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401

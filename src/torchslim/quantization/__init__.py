@@ -1,8 +1,9 @@
 """Quantization: fewer bits per weight and activation, run with real integer kernels."""
 
+from torchslim.quantization.awq import AWQConfig
 from torchslim.quantization.dynamic import DynamicQuantizationConfig
 from torchslim.quantization.gptq import GPTQConfig
 from torchslim.quantization.packed import WeightOnlyLinear
 from torchslim.quantization.weight_only import WeightOnlyConfig
 
-__all__ = ["DynamicQuantizationConfig", "GPTQConfig", "WeightOnlyConfig", "WeightOnlyLinear"]
+__all__ = ["AWQConfig", "DynamicQuantizationConfig", "GPTQConfig", "WeightOnlyConfig", "WeightOnlyLinear"]

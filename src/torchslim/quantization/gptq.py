@@ -17,7 +17,7 @@ from torchslim.quantization._gptq import gptq_quantize
 from torchslim.quantization.packed import WeightOnlyLinear
 from torchslim.quantization.weight_only import group_size_for, quantizable_linears
 
-__all__ = ["GPTQConfig", "apply"]
+__all__ = ["GPTQConfig", "apply", "calibration_inputs"]
 
 logger = logging.getLogger(__name__)
 _NAME = "quantization.gptq"
@@ -77,13 +77,14 @@ class GPTQConfig(MethodConfig):
               f"{_NAME}: block_size and batches must be >= 1; found {self.block_size}, {self.batches}")
 
 
-def _inputs(model: nn.Module, ctx: Context, n: int) -> list[Any]:
-    data = ctx.calibration_batches(_NAME)
+def calibration_inputs(ctx: Context, n: int, name: str = _NAME) -> list[Any]:
+    """The model inputs of the first ``n`` calibration batches; DataError if there are none."""
+    data = ctx.calibration_batches(name)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         data = torch.utils.data.DataLoader(data, batch_size=32)
     batches = [first_batch_inputs(b) for b in itertools.islice(iter(data), n)]
     if not batches:
-        raise DataError(f"{_NAME}: needs at least one calibration batch; ctx.calib_data gave none")
+        raise DataError(f"{name}: needs at least one calibration batch; ctx.calib_data gave none")
     return batches
 
 
@@ -120,7 +121,7 @@ def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> Outcome:
                 module.weight.device).train(module.training)
         done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
 
-    outside = layerwise(model, _inputs(model, ctx, cfg.batches), layers=layers,
+    outside = layerwise(model, calibration_inputs(ctx, cfg.batches), layers=layers,
                         new_stat=_gram, on_block=quantize)
     if outside:
         logger.warning("%s: %d selected layer(s) lie outside the model's repeated blocks and stay float "

@@ -108,9 +108,10 @@ class WeightOnlyLinear(nn.Module):
     packed: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    input_scale: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64,
-                 bias: bool = True) -> None:
+                 bias: bool = True, input_scale: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -120,13 +121,18 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # AWQ: the codes hold W * s per input channel and inputs are divided by s
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                   bias: torch.Tensor | None) -> WeightOnlyLinear:
+                   bias: torch.Tensor | None, input_scale: torch.Tensor | None = None) -> WeightOnlyLinear:
         """Wrap already computed codes (from RTN, GPTQ or AWQ) and their group parameters."""
         out_f, in_f = codes.shape
-        layer = cls(in_f, out_f, bits, in_f // scale.shape[1], bias is not None)
+        layer = cls(in_f, out_f, bits, in_f // scale.shape[1], bias is not None, input_scale is not None)
+        if input_scale is not None:
+            assert layer.input_scale is not None
+            layer.input_scale.copy_(input_scale)
         layer.packed.copy_(pack_codes(codes, bits))
         layer.scale.copy_(scale)
         layer.zero.copy_(zero)
@@ -141,6 +147,8 @@ class WeightOnlyLinear(nn.Module):
         return dequantize_groups(codes, self.scale, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         if self.out_features <= _ROWS_PER_BLOCK:
             return F.linear(x, self.weight().to(x.dtype), self.bias)
         parts = []
@@ -153,7 +161,8 @@ class WeightOnlyLinear(nn.Module):
 
     def spec_kwargs(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "bias": self.bias is not None}
+                "group_size": self.group_size, "bias": self.bias is not None,
+                "input_scale": self.input_scale is not None}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
