@@ -1,0 +1,104 @@
+"""all-MiniLM-L6-v2 dynamic int8 (batch 8 x 128 tokens): torchslim vs ONNX Runtime's and torch's peers.
+
+In the same run: the fp32 model in torch and in ONNX Runtime; ``quantization.dynamic`` (every
+Linear of the encoder to int8 weights, per-row int8 activations, ``torch._int_mm``) in torch and
+exported to ONNX (``MatMulInteger``) in ONNX Runtime; torch's own dynamic quantization
+(``torch.ao.quantization.quantize_dynamic``); ONNX Runtime's ``quantize_dynamic`` on the fp32
+ONNX file. Latencies alternate between variants over several rounds (the machine is shared)
+and the median of the per-round medians is reported. Quality (Lee Pearson, WS-353) is measured
+for the torch variants, which compute what their ONNX exports compute.
+
+Run: python bench/quant_minilm.py [--rounds 5]   (about 4 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.export.onnx import export_onnx
+from torchslim.measure.latency import measure_latency
+from torchslim.quantization import DynamicQuantizationConfig
+from torchslim.zoo import minilm
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantization-minilm.md"
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_call(session: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    names = [i.name for i in session.get_inputs()]
+    feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
+    return lambda: session.run(None, feed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tok, fp32 = minilm.load_minilm_tokenizer(), minilm.load_minilm()
+    text = list(minilm.lee_background_sentences()[:8])
+    enc = tok(text, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    inputs = (enc["input_ids"], enc["attention_mask"])
+    ours = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(), ts.Context()).model.eval()
+    peer_torch = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+    tmp = Path(tempfile.mkdtemp())
+    export_onnx(fp32, inputs, tmp / "fp32.onnx")
+    export_onnx(ours, inputs, tmp / "ours.onnx", min_cosine=0.999)
+    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_int8.onnx"), weight_type=QuantType.QInt8)
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, model in {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch}.items():
+        calls[name] = (lambda m: lambda: m(*inputs))(model)
+    for name, file in {"fp32 onnxruntime": "fp32", "torchslim int8 onnxruntime": "ours",
+                       "onnxruntime quantize_dynamic": "ort_int8"}.items():
+        calls[name] = _ort_call(_ort_session(tmp / f"{file}.onnx"), inputs)
+    rounds: dict[str, list[float]] = {n: [] for n in calls}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, fn in calls.items():
+                rounds[name].append(measure_latency(fn, warmup=3, repeats=10)["latency_ms"])
+    latency = {n: statistics.median(v) for n, v in rounds.items()}
+    quality = {n: minilm.evaluate_minilm(m, tok) for n, m in
+               {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch}.items()}
+    for n in latency:
+        print(n, round(latency[n], 2), quality.get(n))
+    base = latency["fp32 torch"]
+    lines = ["# all-MiniLM-L6-v2 dynamic int8: latency against fp32 and the peers (same run)", "",
+             "Batch 8 x 128 tokens (Lee background sentences padded to 128). Speed-up = fp32 torch latency / "
+             f"variant latency; median over {args.rounds} alternating rounds of 10 timed calls.", "",
+             "| variant | engine | latency ms | speed-up vs fp32 torch | Lee Pearson | WS-353 |", "|---|---|---|---|---|---|"]
+    for name, ms in latency.items():
+        q = quality.get(name)
+        scores = f"{q['lee_pearson']:.4f} | {q['ws353']:.4f}" if q else "(same math as the torch row) | "
+        engine = "onnxruntime" if "onnxruntime" in name else "torch"
+        lines.append(f"| {name} | {engine} | {ms:.1f} | {base / ms:.2f}x | {scores} |")
+    lines += ["", "Targets (issue 13): >= 2.0x faster than fp32 and faster than both peers, Lee Pearson drop <= 0.01, "
+              "WS-353 drop <= 0.02.",
+              f"Machine: {platform.processor() or platform.machine()}, 2 threads, shared (load average "
+              f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Reproduce: `python bench/quant_minilm.py`.", ""]
+    DOC.write_text("\n".join(lines))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
