@@ -15,7 +15,7 @@ from torch import nn
 
 from torchslim.errors import OutputError
 
-__all__ = ["capture", "module_spec", "rebuildable", "replay"]
+__all__ = ["capture", "keep_children", "module_spec", "rebuildable", "replay"]
 
 T = TypeVar("T", bound=type[nn.Module])
 _SIMPLE = (int, float, str, bool, type(None))
@@ -87,7 +87,8 @@ def module_spec(module: nn.Module, attrs: Iterable[str] = ()) -> dict[str, Any]:
 def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Ops that turn a freshly built base model into ``model``'s architecture.
 
-    ``changes`` maps fqn -> {"attrs": [names]} (attributes to record) or {} (swap the module).
+    ``changes`` maps fqn -> {"attrs": [names]} (attributes to record) or {} (swap the module),
+    or {"keep": [indices]} (a ModuleList / Sequential reduced to those children, in order).
     With ``"keep_module": True`` the module stays; ``"params": [names]`` then records the shapes
     of those tensors so ``replay`` can resize them (channels cut from any module type).
     Parents come before children; fqns that no longer exist are dropped.
@@ -96,6 +97,10 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     ops = []
     for fqn in sorted(changes, key=lambda f: (f.count("."), f)):
         if fqn not in present:
+            continue
+        if "keep" in changes[fqn]:
+            kept: dict[str, Any] = {"fqn": fqn, "keep": [int(i) for i in changes[fqn]["keep"]]}
+            ops.append(kept)
             continue
         names = changes[fqn].get("attrs", ())
         params = changes[fqn].get("params", ())
@@ -149,6 +154,9 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
         if not named:
             raise OutputError(f"{where}: expected a mapping with a non-empty 'fqn', found {op!r}")
         fqn = op["fqn"]
+        if "keep" in op:
+            keep_children(model, fqn, op["keep"], where)
+            continue
         if not fqn and "module" not in op:  # the root keeps its class; its own tensors may resize
             _resize(model, op["shapes"], where)
             _set_attrs(model, op.get("attrs", {}), where)
@@ -165,6 +173,39 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
         _resize(getattr(parent, child), op.get("shapes", {}), where)
         attrs = op.get("attrs", op.get("module", {}).get("attrs", {}))
         _set_attrs(getattr(parent, child), attrs, where)
+    return model
+
+
+def keep_children(model: nn.Module, fqn: str, keep: Any, where: str = "keep_children") -> nn.Module:
+    """Reduce the ModuleList / Sequential ``fqn`` to the children at indices ``keep`` (in order).
+
+    Hugging Face bookkeeping follows: ``layer_idx`` attributes inside the kept children are
+    renumbered, and a ``config.num_hidden_layers`` equal to the old length is set to the new one.
+    """
+    parent_fqn, _, child = fqn.rpartition(".")
+    try:
+        parent, stack = model.get_submodule(parent_fqn), model.get_submodule(fqn)
+    except AttributeError as exc:
+        raise OutputError(f"{where}: the model has no module {fqn!r}") from exc
+    if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+        raise OutputError(f"{where}: {fqn!r} is a {type(stack).__name__}, "
+                          "expected a ModuleList or Sequential")
+    valid = isinstance(keep, list) and keep and all(isinstance(i, int) for i in keep)
+    if not valid or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= len(stack):
+        raise OutputError(f"{where}: 'keep' must be increasing indices into the {len(stack)} children of "
+                          f"{fqn!r}, found {keep!r}")
+    old = len(stack)
+    children = [stack[i] for i in keep]
+    shorter = type(stack)(*children) if isinstance(stack, nn.Sequential) else nn.ModuleList(children)
+    setattr(parent, child, shorter)
+    for new_index, block in enumerate(children):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "num_hidden_layers", None) == old:
+            config.num_hidden_layers = len(keep)
     return model
 
 

@@ -2,6 +2,7 @@
 
 from torchslim.pruning.channel import ChannelPruningConfig
 from torchslim.pruning.gradual import GradualPruningConfig
+from torchslim.pruning.layers import LayerPruningConfig
 from torchslim.pruning.magnitude import MagnitudePruningConfig
 from torchslim.pruning.nm import NMPruningConfig
 from torchslim.pruning.snip import SnipPruningConfig
@@ -11,6 +12,7 @@ from torchslim.pruning.wanda import WandaPruningConfig
 __all__ = [
     "ChannelPruningConfig",
     "GradualPruningConfig",
+    "LayerPruningConfig",
     "MagnitudePruningConfig",
     "NMPruningConfig",
     "SnipPruningConfig",
