@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -72,6 +73,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
         torch.testing.assert_close(ddp["state"][key], value, atol=1e-4, rtol=1e-4, msg=key)
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    for victim in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
 RECIPE = """
 version: 1
 model: py:cli_models:slow_mlp
@@ -98,7 +114,7 @@ def test_a_two_process_run_killed_mid_training_resumes_on_one_process(tmp_path: 
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    _kill_tree(proc.pid)  # torchrun and both workers (which it starts in sessions of their own)
     proc.wait()
     assert marker.exists() and not (out / "model.safetensors").exists(), "the run was not killed mid-training"
     resumed = subprocess.run([sys.executable, "-m", "torchslim.cli", "--quiet", "compress", str(recipe),
