@@ -71,6 +71,13 @@ class TrainedMethod:
         """Prepare the model (add masks, fake quant ...); return the model to train."""
         return model
 
+    def synthesize(self, ctx: Context) -> Any:
+        """Training data this method makes when the stage has none (data-free methods), or None.
+
+        Called before ``on_start`` only when ``ctx.train_data`` is None; ``ctx.teacher`` is set.
+        """
+        return None
+
     def parameters(self) -> list[nn.Parameter]:
         """Extra trainable parameters (projections, discriminators) for the optimizer."""
         return []

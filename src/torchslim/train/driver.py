@@ -130,14 +130,18 @@ def fit(
     Args:
         history: When given, the loss of every step (averaged over processes) is appended.
     """
-    if ctx.train_data is None:
-        raise DataError("this stage trains, but ctx.train_data is None (expected (inputs, targets) batches)")
     was_training = model.training
     device = torch.device(ctx.device)
     distributed.init_from_env(device)
     model.to(device)
     if teacher is not None:  # methods that hook the teacher (features, attention) find it here
         ctx = dataclasses.replace(ctx, teacher=teacher)
+    if ctx.train_data is None:  # data-free methods make their own
+        made = next((d for d in (m.synthesize(ctx) for m in methods) if d is not None), None)
+        if made is None:
+            raise DataError("this stage trains, but ctx.train_data is None (expected (inputs, targets) "
+                            "batches, or a data-free method such as distillation.inversion in the stage)")
+        ctx = dataclasses.replace(ctx, train_data=made)
     for method in methods:
         model = method.on_start(model, ctx)
     # Sorted by name: registration order can differ between a run and its resumption
