@@ -111,6 +111,7 @@ module_specs = st.fixed_dictionaries({"cls": st.sampled_from(("Linear", "Conv2d"
 ops = st.lists(st.one_of(json_values, st.fixed_dictionaries(
     {"fqn": st.sampled_from(("", "0", "1", "3", "2", "9", "0.weight", "a.b"))},
     optional={"module": st.one_of(module_specs, json_values), "shapes": shapes,
+              "keep": st.one_of(st.lists(st.integers(-2, 5), max_size=4), json_values),
               "attrs": st.dictionaries(st.sampled_from(("in_features", "eps", "__dict__", "training", "k")),
                                        json_values, max_size=2)})), max_size=4)
 

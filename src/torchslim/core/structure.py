@@ -182,21 +182,24 @@ def keep_children(model: nn.Module, fqn: str, keep: Any, where: str = "keep_chil
     Hugging Face bookkeeping follows: ``layer_idx`` attributes inside the kept children are
     renumbered, and a ``config.num_hidden_layers`` equal to the old length is set to the new one.
     """
+    if not fqn:
+        raise OutputError(f"{where}: 'keep' needs the name of a ModuleList or Sequential inside the model")
     parent_fqn, _, child = fqn.rpartition(".")
     try:
         parent, stack = model.get_submodule(parent_fqn), model.get_submodule(fqn)
     except AttributeError as exc:
         raise OutputError(f"{where}: the model has no module {fqn!r}") from exc
-    if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+    if type(stack) not in (nn.ModuleList, nn.Sequential):  # a subclass may have its own forward
         raise OutputError(f"{where}: {fqn!r} is a {type(stack).__name__}, "
                           "expected a ModuleList or Sequential")
+    assert isinstance(stack, (nn.ModuleList, nn.Sequential))
     valid = isinstance(keep, list) and keep and all(isinstance(i, int) for i in keep)
     if not valid or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= len(stack):
         raise OutputError(f"{where}: 'keep' must be increasing indices into the {len(stack)} children of "
                           f"{fqn!r}, found {keep!r}")
     old = len(stack)
     children = [stack[i] for i in keep]
-    shorter = type(stack)(*children) if isinstance(stack, nn.Sequential) else nn.ModuleList(children)
+    shorter = nn.Sequential(*children) if type(stack) is nn.Sequential else nn.ModuleList(children)
     setattr(parent, child, shorter)
     for new_index, block in enumerate(children):
         for module in block.modules():

@@ -87,7 +87,7 @@ def removable_blocks(model: nn.Module) -> dict[str, list[int]]:
         return {stack[0]: list(range(len(stack[1])))}
     found: dict[str, list[int]] = {}
     for fqn, module in model.named_modules():
-        if fqn and isinstance(module, nn.Sequential):  # (the root itself cannot be replaced)
+        if fqn and type(module) is nn.Sequential:  # not the root, not a subclass with its own forward
             residual = [i for i, child in enumerate(module) if _is_residual(child)]
             if residual:
                 found[fqn] = residual
