@@ -43,7 +43,7 @@ def main() -> None:
         rows.append((stage, len(model.model.layers), params, ppl, windows.numel() / seconds))
         print(rows[-1], flush=True)
     lines = [f"# SmolLM2-135M: `pruning.layers` removing {args.ratio:.0%} of the decoder layers", "",
-             f"Removed layers (Block Influence on the 32 calibration windows, lowest first): {removed}. "
+             f"Removed layers (Block Influence on the 32 calibration windows; layer indices): {removed}. "
              "No recovery training.", "",
              "| model | decoder layers | parameters | perplexity | eval tokens/s |", "|---|---|---|---|---|"]
     lines += [f"| {s} | {n} | {p:,} | {ppl:.2f} | {tps:.0f} |" for s, n, p, ppl, tps in rows]
