@@ -2,7 +2,14 @@
 
 from torchslim.core import structure, surgery
 from torchslim.core.config import MethodConfig, check
-from torchslim.core.context import Context, EvalFn, first_batch_inputs
+from torchslim.core.context import (
+    Context,
+    EvalFn,
+    calibration_inputs,
+    first_batch_inputs,
+    take_batches,
+    to_device,
+)
 from torchslim.core.hooks import HookSet
 from torchslim.core.lifecycle import Step, TrainedMethod
 from torchslim.core.outcome import Outcome
@@ -26,7 +33,10 @@ __all__ = [
     "TrainedMethod",
     "check",
     "config_from_dict",
+    "calibration_inputs",
     "first_batch_inputs",
+    "take_batches",
+    "to_device",
     "get_config_class",
     "is_trained",
     "list_methods",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ from torch import nn
 
 from torchslim.errors import DataError
 
-__all__ = ["Context", "EvalFn", "first_batch_inputs"]
+__all__ = ["Context", "EvalFn", "calibration_inputs", "first_batch_inputs", "take_batches", "to_device"]
 
 
 class EvalFn(Protocol):
@@ -69,3 +70,34 @@ def first_batch_inputs(batch: Any) -> Any:
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0]
     return batch
+
+
+def take_batches(data: Any, n: int, *, batch_size: int = 32) -> list[Any]:
+    """The first ``n`` batches of a DataLoader / iterable, or of a Dataset (batched in order)."""
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    return list(itertools.islice(iter(data), n))
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def calibration_inputs(ctx: Context, n: int, who: str, device: torch.device | None = None) -> list[Any]:
+    """The model inputs of the first ``n`` calibration batches (on ``device`` if given).
+
+    Raises:
+        DataError: no calibration data, or none of it yields a batch.
+    """
+    data = take_batches(ctx.calibration_batches(who), n)
+    if not data:
+        raise DataError(f"{who}: needs at least one calibration batch; ctx.calib_data gave none")
+    inputs = [first_batch_inputs(b) for b in data]
+    return inputs if device is None else [to_device(x, device) for x in inputs]

@@ -16,6 +16,7 @@ __all__ = [
     "finalize",
     "get_mask",
     "leftovers",
+    "plain_layers",
     "replace_modules",
     "shared_parameters",
 ]
@@ -107,3 +108,28 @@ def shared_parameters(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
+
+
+def plain_layers(model: nn.Module, matches: Iterable[tuple[str, nn.Module]],
+                 types: tuple[type[nn.Module], ...], who: str,
+                 fate: str = "left as they are") -> dict[str, nn.Module]:
+    """The matched modules that a method may replace; the others are listed in one warning.
+
+    A module qualifies if its type is exactly one of ``types`` (a subclass may be read by its
+    owner, as ``nn.MultiheadAttention`` reads ``out_proj``), a convolution pads with zeros, and
+    its weight is not tied to another module's.
+    """
+    tied = {name for group in shared_parameters(model) for name in group}
+    chosen: dict[str, nn.Module] = {}
+    skipped = []
+    for fqn, module in matches:
+        if type(module) not in types or getattr(module, "padding_mode", "zeros") != "zeros":
+            names = "/".join(t.__name__ for t in types)
+            skipped.append(f"{fqn} ({type(module).__name__} is not a plain {names})")
+        elif f"{fqn}.weight" in tied:
+            skipped.append(f"{fqn} (weight tied to another layer)")
+        else:
+            chosen[fqn] = module
+    if skipped:
+        logger.warning("%s: %d selected module(s) %s: %s", who, len(skipped), fate, "; ".join(skipped))
+    return chosen

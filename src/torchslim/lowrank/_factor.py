@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,19 +37,8 @@ def rank_of(rank: float, full: int, singular: torch.Tensor | None = None, energy
 def factorisable(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
                  name: str) -> dict[str, nn.Linear]:
     """Selected plain ``nn.Linear`` layers; others are skipped with a logged warning."""
-    tied = {n for group in surgery.shared_parameters(model) for n in group}
-    chosen, skipped = {}, []
-    for fqn, module in select(model, targets, ignore):
-        if type(module) is not nn.Linear:
-            skipped.append(f"{fqn} ({type(module).__name__} is not a plain nn.Linear)")
-        elif f"{fqn}.weight" in tied:
-            skipped.append(f"{fqn} (weight tied to another layer)")
-        else:
-            chosen[fqn] = module
-    if skipped:
-        logger.warning("%s: %d selected module(s) left as they are: %s", name, len(skipped),
-                       "; ".join(skipped))
-    return chosen
+    chosen = surgery.plain_layers(model, select(model, targets, ignore), (nn.Linear,), name)
+    return cast("dict[str, nn.Linear]", chosen)
 
 
 def factorise(model: nn.Module, layers: dict[str, nn.Linear], name: str,

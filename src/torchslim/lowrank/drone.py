@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from torchslim.core import Context, HookSet, MethodConfig, Outcome, check, first_batch_inputs, register
+from torchslim.core import Context, HookSet, MethodConfig, Outcome, calibration_inputs, check, register
+from torchslim.core.layerwise import model_call
 from torchslim.errors import DataError
 from torchslim.lowrank._factor import check_rank, factorisable, factorise, rank_of
 
@@ -68,9 +68,9 @@ class DroneConfig(MethodConfig):
 
 
 @torch.no_grad()
-def input_covariances(model: nn.Module, layers: dict[str, nn.Linear], batches: Any,
-                      limit: int) -> dict[str, torch.Tensor]:
-    """``X^T X / n`` (float64) of every layer's inputs over ``limit`` calibration batches."""
+def input_covariances(model: nn.Module, layers: dict[str, nn.Linear],
+                      inputs: list[Any]) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` (float64) of every layer's inputs over the calibration ``inputs``."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -87,9 +87,9 @@ def input_covariances(model: nn.Module, layers: dict[str, nn.Linear], batches: A
         with HookSet() as hooks:
             for fqn, layer in layers.items():
                 hooks.forward_pre(layer, record(fqn))
-            for batch in itertools.islice(batches, limit):
-                inputs = first_batch_inputs(batch)
-                model(**inputs) if isinstance(inputs, dict) else model(inputs)
+            for batch in inputs:
+                args, kwargs = model_call(model, batch)
+                model(*args, **kwargs)
     finally:
         model.train(was_training)
     return {fqn: sums[fqn] / counts[fqn] for fqn in sums}
@@ -116,7 +116,7 @@ def drone_factors(weight: torch.Tensor, cov: torch.Tensor, rank: float, energy: 
 def apply(model: nn.Module, cfg: DroneConfig, ctx: Context) -> Outcome:
     """Measure input covariances on calibration data, then factorise each selected Linear."""
     layers = factorisable(model, cfg.targets, cfg.ignore, _NAME)
-    covs = input_covariances(model, layers, ctx.calibration_batches(_NAME), cfg.calib_batches)
+    covs = input_covariances(model, layers, calibration_inputs(ctx, cfg.calib_batches, _NAME))
     if layers and not covs:
         raise DataError(f"{_NAME}: the calibration batches reached none of the {len(layers)} selected layers "
                         f"(first: {next(iter(layers))}); expected inputs the model runs on")

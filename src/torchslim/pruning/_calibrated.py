@@ -14,21 +14,18 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from torchslim.core import Context, Outcome, first_batch_inputs
+from torchslim.core import Outcome
 from torchslim.core.layerwise import BlockStep, InputNorms, layerwise
-from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
+from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.pruning._unstructured import (
     layer_sparsity,
     prunable_layers,
-    take_batches,
-    to_device,
     weight_of,
 )
 
 __all__ = [
     "DEFAULT_TARGETS",
     "PrunerConfig",
-    "calibration_inputs",
     "check_common",
     "finish",
     "outlier_ratio",
@@ -153,15 +150,6 @@ def pruned_layers(model: nn.Module, cfg: PrunerConfig, nm: tuple[int, int] | Non
         raise UnsupportedModuleError(f"{who}: pattern {cfg.pattern} needs nn.Linear layers whose input "
                                      f"width is divisible by {nm[1]}; none of the selected layers is")
     return layers
-
-
-def calibration_inputs(model: nn.Module, ctx: Context, batches: int, who: str) -> list[Any]:
-    """Up to ``batches`` calibration inputs on the model's device; DataError if there are none."""
-    data = take_batches(ctx.calibration_batches(who), batches)
-    if not data:
-        raise DataError(f"{who}: needs at least one calibration batch; ctx.calib_data gave none")
-    device = next(model.parameters()).device
-    return [to_device(first_batch_inputs(b), device) for b in data]
 
 
 def owl_allocation(model: nn.Module, layers: dict[str, nn.Module], inputs: list[Any],

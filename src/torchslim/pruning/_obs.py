@@ -11,44 +11,13 @@ updated at once.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import torch
 
-from torchslim.errors import DataError
+from torchslim.core.hessian import inverse_hessian_factor
 
-__all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
-
-logger = logging.getLogger(__name__)
-
-_MAX_DAMPING_TRIES = 6
-
-
-@torch.no_grad()
-def inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damping * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
-
-    If the damped Hessian is still not positive definite, the damping is raised tenfold (with
-    a warning) up to a few times.
-    """
-    h = hessian.double()
-    scale = float(h.diagonal().mean()) or 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    step = damping
-    for _ in range(_MAX_DAMPING_TRIES):
-        lower, info = torch.linalg.cholesky_ex(h + step * scale * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                factor: torch.Tensor = upper.float()
-                return factor
-        logger.warning("SparseGPT: Hessian not positive definite with damping %.3g; trying %.3g",
-                       step, step * 10)
-        step *= 10
-    raise DataError(f"the Hessian {tuple(h.shape)} of a layer's inputs stays singular even with "
-                    f"damping {step:.3g}; expected finite calibration inputs")
+__all__ = ["sparsegpt_prune"]
 
 
 @torch.no_grad()
@@ -83,7 +52,7 @@ def sparsegpt_prune(
     h[dead, dead] = 1.0
     wt[dead] = 0.0
     with _one_thread(h):  # LAPACK's cholesky_inverse is many times slower multi-threaded here
-        hinv = inverse_hessian_factor(h, damping).to(wt.device)
+        hinv = inverse_hessian_factor(h, damping, "SparseGPT").float().to(wt.device)
     keep = torch.ones_like(wt, dtype=torch.bool)
     cols = wt.shape[0]
     for start in range(0, cols, block_size):

@@ -7,7 +7,6 @@ a few batches of data, and the sparsity a set of masks reaches.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim.core import surgery
+from torchslim.core.context import take_batches, to_device
 from torchslim.core.select import select
 
 __all__ = [
@@ -115,24 +115,6 @@ def layer_sparsity(model: nn.Module, fqns: Iterable[str]) -> tuple[dict[str, dic
         per_layer[fqn] = {"sparsity": n_zero / max(mask.numel(), 1)}
         zeros, total = zeros + n_zero, total + mask.numel()
     return per_layer, zeros / max(total, 1)
-
-
-def take_batches(data: Any, n: int, *, batch_size: int = 32) -> list[Any]:
-    """The first ``n`` batches of a DataLoader / iterable, or of a Dataset (batched in order)."""
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    return list(itertools.islice(iter(data), n))
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def task_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -15,8 +14,8 @@ from torchslim.core import (
     HookSet,
     MethodConfig,
     Outcome,
+    calibration_inputs,
     check,
-    first_batch_inputs,
     register,
     structure,
 )
@@ -122,7 +121,7 @@ def block_influence(model: nn.Module, blocks: dict[str, nn.Module], batches: lis
             for fqn, block in blocks.items():
                 hooks.forward(block, hook(fqn))
             for batch in batches:
-                args, kwargs = model_call(model, first_batch_inputs(batch))
+                args, kwargs = model_call(model, batch)
                 model(*args, **kwargs)
     finally:
         model.train(was_training)
@@ -138,8 +137,7 @@ def apply(model: nn.Module, cfg: LayerPruningConfig, ctx: Context) -> Outcome:
                                      "same-class layers, or residual blocks with identity shortcuts "
                                      "in nn.Sequential)")
     blocks = {f"{c}.{i}": model.get_submodule(f"{c}.{i}") for c, idx in candidates.items() for i in idx}
-    batches = list(itertools.islice(iter(ctx.calibration_batches(_NAME)), cfg.calib_batches))
-    scores = block_influence(model, blocks, batches)
+    scores = block_influence(model, blocks, calibration_inputs(ctx, cfg.calib_batches, _NAME))
     if not scores:
         raise DataError(f"{_NAME}: the calibration batches reached none of the {len(blocks)} "
                         "candidate blocks")

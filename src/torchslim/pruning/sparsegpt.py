@@ -13,12 +13,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, register, surgery
+from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, InputGram, layerwise
 from torchslim.errors import DataError
 from torchslim.pruning._calibrated import (
     DEFAULT_TARGETS,
-    calibration_inputs,
     check_common,
     finish,
     owl_allocation,
@@ -111,7 +110,7 @@ def apply(model: nn.Module, cfg: SparseGPTPruningConfig, ctx: Context) -> Outcom
     if not layers:
         logger.warning("%s: no selected nn.Linear layer with an untied weight; nothing to do", _NAME)
         return Outcome(model=model)
-    inputs = calibration_inputs(model, ctx, cfg.batches, _NAME)
+    inputs = calibration_inputs(ctx, cfg.batches, _NAME, next(model.parameters()).device)
     allocation = owl_allocation(model, layers, inputs, cfg) if cfg.owl > 0 else {}
 
     def new_stat(fqn: str, module: nn.Module) -> InputGram:

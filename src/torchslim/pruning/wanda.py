@@ -12,11 +12,10 @@ from typing import ClassVar
 
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, register, surgery
+from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, register, surgery
 from torchslim.core.layerwise import BlockStep, InputNorms, layerwise
 from torchslim.pruning._calibrated import (
     DEFAULT_TARGETS,
-    calibration_inputs,
     check_common,
     finish,
     owl_allocation,
@@ -98,7 +97,7 @@ def apply(model: nn.Module, cfg: WandaPruningConfig, ctx: Context) -> Outcome:
     if not layers:
         logger.warning("%s: no selected nn.Linear layer with an untied weight; nothing to do", _NAME)
         return Outcome(model=model)
-    inputs = calibration_inputs(model, ctx, cfg.batches, _NAME)
+    inputs = calibration_inputs(ctx, cfg.batches, _NAME, next(model.parameters()).device)
     allocation = owl_allocation(model, layers, inputs, cfg) if cfg.owl > 0 else {}
 
     def prune(step: BlockStep) -> None:

@@ -10,34 +10,12 @@ weight ("static groups"), so every group keeps contiguous columns and the packed
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from torchslim.errors import DataError
+from torchslim.core.hessian import inverse_hessian_factor
 from torchslim.quantization.packed import quantize_groups
 
 __all__ = ["gptq_quantize"]
-
-logger = logging.getLogger(__name__)
-
-
-def _inverse_factor(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``; damping raised if needed."""
-    scale = float(h.diagonal().mean()) or 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    step = damping
-    for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(h + step * scale * eye)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0:
-                factor: torch.Tensor = upper
-                return factor
-        logger.warning("GPTQ: Hessian not positive definite with damping %.3g; trying %.3g", step, step * 10)
-        step *= 10
-    raise DataError(f"GPTQ: the Hessian {tuple(h.shape)} of a layer's inputs stays singular with damping "
-                    f"{step:.3g}; expected finite calibration inputs")
 
 
 @torch.no_grad()
@@ -55,7 +33,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     scale, zero = scale.double(), zero.double()
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_factor(h, damping)
+    hinv = inverse_hessian_factor(h, damping, "GPTQ")
     codes = torch.zeros_like(w)
     top = 2**bits - 1
     for i1 in range(0, n_in, block_size):

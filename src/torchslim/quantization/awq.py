@@ -9,11 +9,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, register, surgery
+from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, layerwise
-from torchslim.quantization.gptq import calibration_inputs
 from torchslim.quantization.packed import WeightOnlyLinear, dequantize_groups, quantize_groups
-from torchslim.quantization.weight_only import group_size_for, quantizable_linears
+from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
 
 __all__ = ["AWQConfig", "InputSample", "apply", "awq_search"]
 
@@ -64,8 +63,7 @@ class AWQConfig(MethodConfig):
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check(2 <= self.bits <= 8, f"{_NAME}: bits must be an integer in 2..8; found {self.bits!r}")
-        check(self.group_size >= 0, f"{_NAME}: group_size must be >= 0; found {self.group_size!r}")
+        check_bits_and_group(_NAME, self.bits, self.group_size)
         check(self.grid >= 1 and self.sample_rows >= 1 and self.batches >= 1,
               f"{_NAME}: grid, sample_rows and batches must be >= 1")
 

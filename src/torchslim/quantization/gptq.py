@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, first_batch_inputs, register, surgery
+from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, InputGram, layerwise
 from torchslim.errors import DataError
 from torchslim.quantization._gptq import gptq_quantize
 from torchslim.quantization.packed import WeightOnlyLinear
-from torchslim.quantization.weight_only import group_size_for, quantizable_linears
+from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
 
-__all__ = ["GPTQConfig", "apply", "calibration_inputs"]
+__all__ = ["GPTQConfig", "apply"]
 
 logger = logging.getLogger(__name__)
 _NAME = "quantization.gptq"
@@ -70,22 +69,10 @@ class GPTQConfig(MethodConfig):
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check(2 <= self.bits <= 8, f"{_NAME}: bits must be an integer in 2..8; found {self.bits!r}")
-        check(self.group_size >= 0, f"{_NAME}: group_size must be >= 0; found {self.group_size!r}")
+        check_bits_and_group(_NAME, self.bits, self.group_size)
         check(self.damping >= 0, f"{_NAME}: damping must be >= 0; found {self.damping!r}")
         check(self.block_size >= 1 and self.batches >= 1,
               f"{_NAME}: block_size and batches must be >= 1; found {self.block_size}, {self.batches}")
-
-
-def calibration_inputs(ctx: Context, n: int, name: str = _NAME) -> list[Any]:
-    """The model inputs of the first ``n`` calibration batches; DataError if there are none."""
-    data = ctx.calibration_batches(name)
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        data = torch.utils.data.DataLoader(data, batch_size=32)
-    batches = [first_batch_inputs(b) for b in itertools.islice(iter(data), n)]
-    if not batches:
-        raise DataError(f"{name}: needs at least one calibration batch; ctx.calib_data gave none")
-    return batches
 
 
 def _gram(fqn: str, module: nn.Module) -> InputGram:
@@ -121,7 +108,7 @@ def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> Outcome:
                 module.weight.device).train(module.training)
         done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
 
-    outside = layerwise(model, calibration_inputs(ctx, cfg.batches), layers=layers,
+    outside = layerwise(model, calibration_inputs(ctx, cfg.batches, _NAME), layers=layers,
                         new_stat=_gram, on_block=quantize)
     if outside:
         logger.warning("%s: %d selected layer(s) lie outside the model's repeated blocks and stay float "

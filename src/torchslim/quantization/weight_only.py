@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torchslim.core import Context, MethodConfig, Outcome, check, register, sele
 from torchslim.errors import ConfigError
 from torchslim.quantization.packed import WeightOnlyLinear, quantize_groups
 
-__all__ = ["WeightOnlyConfig", "apply", "group_size_for", "quantizable_linears"]
+__all__ = ["WeightOnlyConfig", "apply", "check_bits_and_group", "group_size_for", "quantizable_linears"]
 
 logger = logging.getLogger(__name__)
 _NAME = "quantization.weight_only"
@@ -60,9 +60,13 @@ class WeightOnlyConfig(MethodConfig):
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check(2 <= self.bits <= 8, f"{_NAME}: bits must be an integer in 2..8; found {self.bits!r}")
-        check(self.group_size >= 0,
-              f"{_NAME}: group_size must be >= 0 (0: one group per row); found {self.group_size!r}")
+        check_bits_and_group(_NAME, self.bits, self.group_size)
+
+
+def check_bits_and_group(name: str, bits: int, group_size: int) -> None:
+    """The ``bits`` and ``group_size`` rules every weight-only method shares."""
+    check(2 <= bits <= 8, f"{name}: bits must be an integer in 2..8; found {bits!r}")
+    check(group_size >= 0, f"{name}: group_size must be >= 0 (0: one group per row); found {group_size!r}")
 
 
 def group_size_for(fqn: str, in_features: int, group_size: int, name: str = _NAME) -> int:
@@ -78,18 +82,8 @@ def group_size_for(fqn: str, in_features: int, group_size: int, name: str = _NAM
 def quantizable_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
                         name: str = _NAME) -> dict[str, nn.Linear]:
     """Selected plain, untied ``nn.Linear`` layers; the others are listed in a warning."""
-    tied = {n for group in surgery.shared_parameters(model) for n in group}
-    chosen, skipped = {}, []
-    for fqn, module in select(model, targets, ignore):
-        if type(module) is not nn.Linear:
-            skipped.append(f"{fqn} ({type(module).__name__} is not a plain nn.Linear)")
-        elif f"{fqn}.weight" in tied:
-            skipped.append(f"{fqn} (weight tied to another layer)")
-        else:
-            chosen[fqn] = module
-    if skipped:
-        logger.warning("%s: %d selected module(s) stay float: %s", name, len(skipped), "; ".join(skipped))
-    return chosen
+    chosen = surgery.plain_layers(model, select(model, targets, ignore), (nn.Linear,), name, "stay float")
+    return cast("dict[str, nn.Linear]", chosen)
 
 
 @register(WeightOnlyConfig)

@@ -125,18 +125,9 @@ def _clustered(module: nn.Module, cfg: KMeansSharingConfig) -> nn.Module:
 @register(KMeansSharingConfig)
 def apply(model: nn.Module, cfg: KMeansSharingConfig, ctx: Context) -> Outcome:
     """Replace each selected Linear / Conv2d by its clustered version."""
-    tied = {n for group in surgery.shared_parameters(model) for n in group}
-    chosen, skipped = [], []
-    for fqn, module in select(model, cfg.targets, cfg.ignore):
-        plain = type(module) in (nn.Linear, nn.Conv2d) and getattr(module, "padding_mode", "zeros") == "zeros"
-        if not plain or f"{fqn}.weight" in tied:
-            skipped.append(f"{fqn} ({type(module).__name__}: not a plain untied Linear/Conv2d)")
-        else:
-            chosen.append((fqn, module))
-    if skipped:
-        logger.warning("%s: %d selected module(s) left as they are: %s", _NAME, len(skipped),
-                       "; ".join(skipped))
-    replaced = surgery.replace_modules(model, chosen, lambda fqn, m: _clustered(m, cfg))
+    selected = select(model, cfg.targets, cfg.ignore)
+    chosen = surgery.plain_layers(model, selected, (nn.Linear, nn.Conv2d), _NAME)
+    replaced = surgery.replace_modules(model, list(chosen.items()), lambda fqn, m: _clustered(m, cfg))
     return Outcome(model=model, touched=replaced, structure={f: {} for f in replaced},
                    stats={"bits": cfg.bits, "layers": len(replaced)},
                    layers={f: {"bits": cfg.bits} for f in replaced})

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.core.context import Context
+from torchslim.core.context import Context, to_device
 from torchslim.core.lifecycle import Step, TrainedMethod
 from torchslim.errors import DataError
 from torchslim.recipes.schema import TrainSpec
@@ -31,17 +31,6 @@ from torchslim.train.checkpoint import atomic_torch_save, latest_checkpoint, loa
 __all__ = ["fit", "to_device", "task_loss"]
 
 logger = logging.getLogger(__name__)
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def task_loss(outputs: Any, targets: Any) -> torch.Tensor:
