@@ -78,20 +78,13 @@ def batches(tok: Any, sentences: list[str], batch_size: int, seed: int) -> list[
     return out
 
 
-def speedup(teacher: nn.Module, model: nn.Module, tok: Any, rounds: int = 5) -> float:
-    """Median over rounds of teacher / model encode latency, measured alternately (the machine is shared)."""
-    ratios = sorted(minilm.encode_latency(teacher, tok, repeats=10)["latency_ms"]
-                    / minilm.encode_latency(model, tok, repeats=10)["latency_ms"] for _ in range(rounds))
-    return ratios[rounds // 2]
-
-
 def score(model: nn.Module, tok: Any, reference: dict[str, torch.Tensor], teacher: nn.Module) -> dict[str, float]:
     model.eval()
     scores = minilm.evaluate_minilm(model, tok)
     scores["mr_cosine"] = minilm.mr_fidelity(model, tok, reference["mr"])
     scores["lee_cosine"] = float(nn.functional.cosine_similarity(
         minilm.encode(model, tok, minilm.lee_documents()), reference["lee"], dim=-1).mean())
-    scores["speedup"] = 1.0 if model is teacher else speedup(teacher, model, tok)
+    scores["speedup"] = 1.0 if model is teacher else minilm.encode_speedup(teacher, model, tok)
     return scores
 
 

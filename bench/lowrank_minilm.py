@@ -36,12 +36,6 @@ def calibration(tok: object, n: int = 512, batch: int = 32) -> list[dict[str, to
     return out
 
 
-def speedup(teacher: torch.nn.Module, model: torch.nn.Module, tok: object, rounds: int = 5) -> float:
-    ratios = sorted(minilm.encode_latency(teacher, tok, repeats=10)["latency_ms"]
-                    / minilm.encode_latency(model, tok, repeats=10)["latency_ms"] for _ in range(rounds))
-    return ratios[rounds // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=96)
@@ -58,7 +52,7 @@ def main() -> None:
         model = ts.apply(model, cfg, ts.Context(calib_data=calib)).model.eval()
         seconds = time.perf_counter() - started
         rows[name] = {**minilm.evaluate_minilm(model, tok), "mr_cosine": minilm.mr_fidelity(model, tok, reference),
-                      "speedup": speedup(original, model, tok), "seconds": seconds}
+                      "speedup": minilm.encode_speedup(original, model, tok), "seconds": seconds}
         print(name, rows[name])
     params = sum(p.numel() for p in original.parameters())
     lines = [START, "## all-MiniLM-L6-v2: data-aware (DRONE) vs plain SVD at equal rank", "",

@@ -34,6 +34,7 @@ __all__ = [
     "MiniLMEncoder",
     "encode",
     "encode_latency",
+    "encode_speedup",
     "evaluate_minilm",
     "gensim_data_dir",
     "lee_background_sentences",
@@ -257,3 +258,13 @@ def encode_latency(encoder: nn.Module, tokenizer: Any, *, batch: int = 8, tokens
     text = list(lee_background_sentences()[:batch])
     encoded = tokenizer(text, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt")
     return model_latency(encoder, (encoded["input_ids"], encoded["attention_mask"]), repeats=repeats)
+
+
+def encode_speedup(reference: nn.Module, model: nn.Module, tokenizer: Any, rounds: int = 5) -> float:
+    """Median over ``rounds`` of ``reference`` / ``model`` encode latency, timed alternately.
+
+    Alternating keeps both sides under the same load on a shared machine.
+    """
+    ratios = sorted(encode_latency(reference, tokenizer, repeats=10)["latency_ms"]
+                    / encode_latency(model, tokenizer, repeats=10)["latency_ms"] for _ in range(rounds))
+    return ratios[rounds // 2]
