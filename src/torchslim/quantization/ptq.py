@@ -1,0 +1,95 @@
+"""Static post-training int8 quantization, lowered to ONNX QDQ for ONNX Runtime's int8 kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from torch import nn
+
+from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register
+from torchslim.quantization._static import calibrate, fuse, to_qdq
+from torchslim.quantization.observers import OBSERVERS
+
+__all__ = ["PTQConfig", "apply", "check_static_bits"]
+
+_NAME = "quantization.ptq"
+
+
+def check_static_bits(name: str, weight_bits: int, activation_bits: int) -> None:
+    """Both widths in 2..8 (int8 containers; 8 is the width ONNX Runtime runs natively)."""
+    for field, value in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+        check(isinstance(value, int) and 2 <= value <= 8,
+              f"{name}: {field} must be an integer in 2..8 (stored in int8/uint8); found {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PTQConfig(MethodConfig):
+    """Fold BatchNorm, fuse ReLU, then fix int8 weights and uint8 activation grids from calibration data.
+
+    Paper: Jacob et al., "Quantization and Training of Neural Networks for Efficient
+    Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877;
+    histogram observer: Migacz, "8-bit Inference with TensorRT", GTC 2017 (KL calibration).
+
+    Args:
+        weight_bits: Bits per weight, 2..8: symmetric, one scale per output channel.
+        activation_bits: Bits per activation, 2..8: asymmetric (scale and zero point).
+        observer: How each activation range is chosen: ``minmax`` (extremes), ``percentile``
+            (drops the ``percentile`` tails), ``mse`` (smallest rounding error) or
+            ``histogram`` (smallest KL divergence, as TensorRT).
+        percentile: The share of values kept by the ``percentile`` observer, in (50, 100].
+        batches: Calibration batches read from ``ctx.calib_data``.
+        targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
+        ignore: Selectors removed from ``targets`` (they stay float).
+
+    Recipe:
+        - method: quantization.ptq
+          weight_bits: 8
+          activation_bits: 8
+          observer: histogram
+
+    Notes:
+        Each selected ``Conv2d`` / ``Linear`` followed in an ``nn.Sequential`` by a BatchNorm
+        and a ReLU/ReLU6 becomes one ``QDQConv2d`` / ``QDQLinear`` whose output grid starts at 0.
+        The model runs in int8 where it is deployed: ``torchslim export --format onnx`` writes
+        QuantizeLinear/DequantizeLinear nodes that ONNX Runtime fuses into QLinearConv /
+        QGemm int8 kernels; the report's deployment table measures that engine. In PyTorch
+        the same arithmetic runs in float (a faithful reference, not a fast kernel). Layers of
+        other types, and BatchNorms not directly after a selected layer in a Sequential (a
+        ResNet block calling ``self.bn1`` from ``forward``), stay float and are listed in a
+        warning. Needs ``ctx.calib_data``; follow with ``quantization.qat`` if the accuracy loss
+        is too large.
+    """
+
+    name: ClassVar[str] = _NAME
+    weight_bits: int = 8
+    activation_bits: int = 8
+    observer: str = "histogram"
+    percentile: float = 99.99
+    batches: int = 32
+    targets: tuple[str, ...] = ("type:Conv2d", "type:Linear")
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_static_bits(_NAME, self.weight_bits, self.activation_bits)
+        check(self.observer in OBSERVERS, f"{_NAME}: observer must be one of {list(OBSERVERS)}; "
+                                          f"found {self.observer!r}")
+        check(50 < self.percentile <= 100,
+              f"{_NAME}: percentile must be in (50, 100]; found {self.percentile!r}")
+        check(self.batches >= 1, f"{_NAME}: batches must be >= 1; found {self.batches!r}")
+
+
+@register(PTQConfig)
+def apply(model: nn.Module, cfg: PTQConfig, ctx: Context) -> Outcome:
+    """Fuse, calibrate on ``ctx.calib_data`` and swap the layers for their QDQ forms."""
+    batches = calibration_inputs(ctx, cfg.batches, _NAME)
+    fusions = fuse(model, cfg.targets, cfg.ignore, _NAME)
+    cal = calibrate(model, fusions, batches, cfg.observer, cfg.activation_bits, cfg.percentile)
+    replaced = to_qdq(model, fusions, cal, cfg.weight_bits, cfg.activation_bits)
+    absorbed = [f for fusion in fusions.values() for f in fusion.absorbed()]
+    return Outcome(
+        model=model, touched=replaced, structure={f: {} for f in (*replaced, *absorbed)},
+        stats={"layers": len(replaced), "fused_batchnorms": sum(f.norm is not None for f in fusions.values()),
+               "fused_activations": sum(f.activation != "none" for f in fusions.values())},
+        layers={f: {"input_scale": round(cal.inputs[f].scale, 6),
+                    "output_scale": round(cal.outputs[f].scale, 6)} for f in replaced})

@@ -1,0 +1,169 @@
+"""Static int8 (quantization.ptq) and QAT: folding, observers, grids, ONNX Runtime int8 kernels."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.errors import ConfigError, DataError
+from torchslim.quantization import PTQConfig, QDQConv2d, QDQLinear
+from torchslim.quantization._static import fuse
+from torchslim.quantization.observers import Observer, choose_range
+from torchslim.quantization.qat import QATConfig
+from torchslim.recipes import Recipe, TrainSpec
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    for m in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _batches(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+def _ctx() -> ts.Context:
+    b = _batches()
+    return ts.Context(example_inputs=b[0][:2], calib_data=b, seed=0)
+
+
+def test_folding_batchnorm_and_relu_is_exact_in_float() -> None:
+    model = _cnn()
+    fused = copy.deepcopy(model)
+    fusions = fuse(fused, ("type:Conv2d", "type:Linear"), (), "test")
+    assert [f.activation for f in fusions.values()] == ["relu", "relu6", "none", "none"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0
+    x = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ptq_grids_are_shared_and_outputs_stay_close() -> None:
+    model = _cnn()
+    x = _batches(1)[0]
+    with torch.no_grad():
+        ref = model(x)
+    q = ts.apply(copy.deepcopy(model), PTQConfig(observer="minmax"), _ctx()).model
+    layers = [m for m in q.modules() if isinstance(m, QDQConv2d | QDQLinear)]
+    assert len(layers) == 4
+    assert layers[0].quantize_input and not layers[1].quantize_input  # conv1's output grid is reused
+    assert not layers[3].quantize_output  # the logits stay float
+    assert layers[0].qweight.dtype == torch.int8 and layers[0].qbias.dtype == torch.int32
+    assert int(layers[0].output_zero_point) == 0  # fused ReLU: the grid starts at 0
+    with torch.no_grad():
+        out = q(x)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.05, f"int8 relative error {rel:.4f}"
+    # 4-bit activations and weights are markedly worse: the grids really round
+    q4 = ts.apply(copy.deepcopy(model), PTQConfig(observer="minmax", weight_bits=4, activation_bits=4),
+                  _ctx()).model
+    with torch.no_grad():
+        rel4 = (q4(x) - ref).norm() / ref.norm()
+    assert rel4 > 2 * rel
+
+
+def test_observers_clip_outliers_and_lower_the_rounding_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g)
+    x[0] = 60.0  # one outlier stretches the min/max range
+    obs = Observer()
+    obs.see_range(x)
+    obs.see_values(x)
+    ranges = {m: choose_range(obs, m) for m in ("minmax", "percentile", "mse", "histogram")}
+    assert ranges["minmax"] == pytest.approx((float(x.min()), 60.0))
+    for method in ("percentile", "histogram"):  # both drop the lone outlier
+        assert ranges[method][1] < 30, (method, ranges[method])
+    assert ranges["mse"][1] <= 60.0  # MSE clips only where the rounding error saved pays for it
+
+    def error(lo: float, hi: float) -> float:
+        scale = (hi - lo) / 255
+        zp = round(-lo / scale)
+        q = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        return float(((q - x) ** 2).mean())
+
+    assert error(*ranges["mse"]) < error(*ranges["minmax"])
+    # a heavy-tailed (Laplace) distribution: MSE clips its tails and beats min/max
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+    obs = Observer()
+    obs.see_range(laplace)
+    obs.see_values(laplace)
+    lo, hi = choose_range(obs, "mse", bits=4)
+    assert hi < 0.8 * float(laplace.max()) and lo > 0.8 * float(laplace.min())
+
+
+def _ort_ops(path: Path, tmp: Path) -> list[str]:
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp / "optimized.onnx")).graph.node]
+
+
+def test_onnx_runtime_runs_int8_kernels_and_matches_pytorch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.export.onnx import OnnxModule, export_onnx
+
+    q = ts.apply(_cnn(), PTQConfig(observer="histogram"), _ctx()).model
+    x = _batches(1)[0]
+    export_onnx(q, x[:2], tmp_path / "m.onnx")
+    ops = _ort_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 3, ops  # every conv runs as an int8 kernel
+    with torch.no_grad():
+        ours = q(x)
+    theirs = OnnxModule(tmp_path / "m.onnx")(x)
+    # the same grids; integer vs float accumulation may move a value by one output step
+    step = float(max(m.output_scale for m in q.modules() if isinstance(m, QDQConv2d)))
+    assert (theirs - ours).abs().max() < 4 * step
+    assert (theirs.argmax(1) == ours.argmax(1)).float().mean() >= 0.99
+
+
+def test_ptq_bad_input() -> None:
+    with pytest.raises(ConfigError, match="weight_bits"):
+        PTQConfig(weight_bits=9)
+    with pytest.raises(ConfigError, match="observer"):
+        PTQConfig(observer="kl")
+    with pytest.raises(DataError, match="calibration"):
+        ts.apply(_cnn(), PTQConfig(), ts.Context(example_inputs=_batches(1)[0]))
+    with pytest.raises(ConfigError, match="estimator"):
+        QATConfig(estimator="pact")
+
+
+@pytest.mark.parametrize("estimator", ["ste", "lsq"])
+def test_qat_trains_and_converts_to_the_same_arithmetic(estimator: str) -> None:
+    torch.manual_seed(0)
+    model = _cnn()
+    teacher = copy.deepcopy(model)
+    data = [(x, teacher(x).argmax(1).detach()) for x in _batches(8)]
+    ctx = ts.Context(example_inputs=data[0][0][:2], train_data=data, calib_data=[x for x, _ in data], seed=0)
+    cfg = QATConfig(estimator=estimator, weight_bits=4, activation_bits=4)
+    history: list[dict[str, float]] = []
+    recipe = Recipe.single(cfg, TrainSpec(epochs=3, lr=1e-3))
+    result = ts.compress(copy.deepcopy(model), recipe, ctx)
+    layers = [m for m in result.model.modules() if isinstance(m, QDQConv2d | QDQLinear)]
+    assert len(layers) == 4 and not result.model.training
+    x = data[0][0]
+    ptq = ts.apply(copy.deepcopy(model), PTQConfig(weight_bits=4, activation_bits=4, observer="minmax"), ctx).model
+    with torch.no_grad():
+        agree_qat = (result.model(x).argmax(1) == data[0][1]).float().mean()
+        agree_ptq = (ptq(x).argmax(1) == data[0][1]).float().mean()
+    assert agree_qat >= agree_ptq, (float(agree_qat), float(agree_ptq))
+    del history
