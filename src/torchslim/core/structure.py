@@ -243,8 +243,8 @@ def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modu
     params = list(source.named_parameters(remove_duplicate=False))
     if not params:
         raise OutputError(f"{where}: {fqn!r} ({type(source).__name__}) has no parameters to share")
-    for name in names:
-        target = _module_at(model, name, where)
+    targets = [_module_at(model, name, where) for name in names]
+    for name, target in zip(names, targets, strict=True):  # check everything before changing anything
         for pname, param in params:
             try:
                 old = target.get_parameter(pname)
@@ -254,6 +254,7 @@ def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modu
             if old.shape != param.shape or old.dtype != param.dtype:
                 raise OutputError(f"{where}: cannot tie {name}.{pname} {list(old.shape)} {old.dtype} to "
                                   f"{fqn}.{pname} {list(param.shape)} {param.dtype}")
+    for target in targets:
         for pname, param in params:
             owner, _, leaf = pname.rpartition(".")
             setattr(target.get_submodule(owner), leaf, param)

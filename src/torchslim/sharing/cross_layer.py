@@ -100,7 +100,7 @@ def find_stacks(model: nn.Module, targets: tuple[str, ...] = ()) -> list[tuple[s
             if problem is not None:
                 raise UnsupportedModuleError(f"{_NAME}: cannot share the layers of {problem}")
         return chosen
-    stacks = [(f, m) for f, m in model.named_modules() if f and _problem(f, m) is None]
+    stacks = [(f, m) for f, m in model.named_modules() if _problem(f or "<root>", m) is None]
     if not stacks:
         raise UnsupportedModuleError(
             f"{_NAME}: found no stack of layers to share (expected a ModuleList or Sequential of >= 2 "
@@ -144,6 +144,10 @@ def _init_shared(modules: list[nn.Module], init: str) -> None:
         param.copy_(stacked.mean(dim=0).to(param.dtype))
 
 
+def _join(*names: object) -> str:
+    return ".".join(str(n) for n in names if n != "")
+
+
 def _unique(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -158,16 +162,16 @@ def apply(model: nn.Module, cfg: CrossLayerSharingConfig, ctx: Context) -> Outco
     for fqn, stack in find_stacks(model, cfg.targets):
         children = list(stack.children())
         if cfg.groups > len(children):
-            raise ConfigError(f"{_NAME}: groups {cfg.groups} exceeds the {len(children)} layers of {fqn}; "
+            raise ConfigError(f"{_NAME}: groups {cfg.groups} exceeds the {len(children)} layers of {fqn or '<root>'}; "
                               f"expected at most {len(children)}")
-        parts = shared_parts(children[0], cfg.share, f"{fqn}.0")
+        parts = shared_parts(children[0], cfg.share, _join(fqn, 0))
         for g, group in enumerate(layer_groups(len(children), cfg.groups)):
-            layers.update({f"{fqn}.{i}": {"group": float(g)} for i in group})
+            layers.update({_join(fqn, i): {"group": float(g)} for i in group})
             if len(group) < 2:
                 continue
-            touched += [f"{fqn}.{i}" for i in group]
+            touched += [_join(fqn, i) for i in group]
             for part in parts:
-                names = [f"{fqn}.{i}.{part}".rstrip(".") for i in group]
+                names = [_join(fqn, i, part) for i in group]
                 _init_shared([model.get_submodule(n) for n in names], cfg.init)
                 structure.tie_modules(model, names[0], names[1:], _NAME)
                 changes[names[0]] = {"tie": names[1:], "keep_module": True}
