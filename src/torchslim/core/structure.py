@@ -232,8 +232,9 @@ def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modu
     the same shape and dtype; a target may hold more (a head's bias). Buffers stay per module.
     Sources and targets must be distinct, non-nested modules inside the model.
     """
-    names = targets if isinstance(targets, list) else None
-    if not fqn or not names or not all(isinstance(t, str) and t for t in names) or len(set(names)) < len(names):
+    names = targets if isinstance(targets, list) else []
+    distinct = len(set(map(str, names))) == len(names) and all(isinstance(t, str) and t for t in names)
+    if not fqn or not names or not distinct:
         raise OutputError(f"{where}: 'tie' must name a module and list distinct other modules that share "
                           f"its parameters, found fqn={fqn!r}, tie={targets!r}")
     for name in names:

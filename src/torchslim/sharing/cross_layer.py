@@ -162,8 +162,8 @@ def apply(model: nn.Module, cfg: CrossLayerSharingConfig, ctx: Context) -> Outco
     for fqn, stack in find_stacks(model, cfg.targets):
         children = list(stack.children())
         if cfg.groups > len(children):
-            raise ConfigError(f"{_NAME}: groups {cfg.groups} exceeds the {len(children)} layers of {fqn or '<root>'}; "
-                              f"expected at most {len(children)}")
+            raise ConfigError(f"{_NAME}: groups {cfg.groups} exceeds the {len(children)} layers of "
+                              f"{fqn or '<root>'}; expected at most {len(children)}")
         parts = shared_parts(children[0], cfg.share, _join(fqn, 0))
         for g, group in enumerate(layer_groups(len(children), cfg.groups)):
             layers.update({_join(fqn, i): {"group": float(g)} for i in group})

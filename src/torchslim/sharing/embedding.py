@@ -123,6 +123,14 @@ def _factorised(module: nn.Module, codes: torch.Tensor, proj: torch.Tensor) -> n
     return new.train(module.training)
 
 
+def _swap(model: nn.Module, names: list[str], codes: torch.Tensor, proj: torch.Tensor) -> None:
+    """Replace the embedding ``names[0]`` and its partners; the partners then share its factors."""
+    group = [(f, model.get_submodule(f)) for f in names]
+    surgery.replace_modules(model, group, lambda f, m: _factorised(m, codes, proj))
+    if len(names) > 1:
+        structure.tie_modules(model, names[0], names[1:], _NAME)
+
+
 @register(EmbeddingFactorizationConfig)
 def apply(model: nn.Module, cfg: EmbeddingFactorizationConfig, ctx: Context) -> Outcome:
     """Factorise every selected plain ``nn.Embedding`` and the modules tied to its weight."""
@@ -164,10 +172,7 @@ def _factorise(model: nn.Module, plans: dict[str, list[str]], rank: float) -> Ou
         codes, proj = embedding_factors(embedding.weight, code_width)
         table = embedding.weight.detach().double()
         relative = float((codes.double() @ proj.double().T - table).norm() / table.norm().clamp_min(1e-30))
-        group = [(f, model.get_submodule(f)) for f in (fqn, *partners)]
-        surgery.replace_modules(model, group, lambda f, m: _factorised(m, codes, proj))
-        if partners:
-            structure.tie_modules(model, fqn, partners, _NAME)
+        _swap(model, [fqn, *partners], codes, proj)
         changes[fqn] = {"tie": partners} if partners else {}
         changes.update({p: {} for p in partners})
         layers[fqn] = {"rank": float(code_width), "relative_error": round(relative, 6)}
