@@ -223,3 +223,29 @@ def test_more_groups_than_layers_is_a_config_error() -> None:
 def test_bad_config_values_are_config_errors(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         CrossLayerSharingConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_sharing_survives_a_distillation_stage_and_its_reload(tmp_path: Path) -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, VOCAB, (4, 5), generator=g),) * 2 for _ in range(3)]
+    recipe = """
+version: 1
+stages:
+  - name: share
+    methods: [{method: sharing.cross_layer}]
+  - name: recover
+    train: {steps: 3, lr: 1.0e-3}
+    methods: [{method: distillation.logits, temperature: 2.0}]
+measure: []
+export: []
+"""
+    ctx = ts.Context(example_inputs=batches[0][0], train_data=batches, teacher=copy.deepcopy(model), seed=0)
+    result = ts.compress(model, recipe, ctx)
+    layers = result.model.layers
+    assert all(_same(layers[0], layers[i]) for i in range(1, LAYERS))
+    save(result, tmp_path / "run")
+    reloaded = load(tmp_path / "run", lambda: _model(seed=3))
+    assert all(_same(reloaded.layers[0], reloaded.layers[i]) for i in range(1, LAYERS))
+    x = _tokens()
+    torch.testing.assert_close(reloaded(x), result.model(x), rtol=0, atol=0)

@@ -58,15 +58,43 @@ def _apply(model: nn.Module, **fields: object) -> ts.Result:
     return ts.apply(model, EmbeddingFactorizationConfig(**fields), ts.Context())  # type: ignore[arg-type]
 
 
-def test_full_rank_reproduces_the_model_including_its_tied_head() -> None:
+def _low_rank_(weight: torch.Tensor, rank: int) -> None:
+    """Overwrite ``weight`` (V, H) by a random matrix of exactly ``rank``."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape[0], rank, generator=g) @ torch.randn(rank, weight.shape[1], generator=g))
+
+
+def test_full_rank_factors_reproduce_the_embedding_and_its_tied_head() -> None:
+    table = nn.Embedding(50, 32)
+    codes, proj = embedding_factors(table.weight, 32)
+    embed, head = FactorizedEmbedding(50, 32, 32), FactorizedTiedHead(32, 50, 32)
+    with torch.no_grad():
+        embed.weight.copy_(codes)
+        embed.proj.copy_(proj)
+    head.weight, head.proj = embed.weight, embed.proj
+    x, h = _tokens(), torch.randn(4, 32)
+    torch.testing.assert_close(embed(x), table(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(head(h), h @ table.weight.T, rtol=0, atol=1e-5)
+
+
+def test_a_table_of_rank_e_is_reproduced_exactly_including_its_tied_head() -> None:
     model = _tiny_lm()
+    _low_rank_(model.embed.weight, 8)
     x = _tokens()
     reference = model(x)
-    result = _apply(model, rank=32)
-    out = result.model
+    out = _apply(model, rank=8).model
     assert isinstance(out.embed, FactorizedEmbedding) and isinstance(out.lm_head, FactorizedTiedHead)
     assert out.lm_head.weight is out.embed.weight and out.lm_head.proj is out.embed.proj
-    torch.testing.assert_close(out(x), reference, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out(x), reference, rtol=0, atol=1e-4)
+
+
+def test_a_rank_that_would_not_shrink_the_table_leaves_it_alone(caplog: pytest.LogCaptureFixture) -> None:
+    model = _tiny_lm()
+    with caplog.at_level(logging.WARNING, logger="torchslim.sharing.embedding"):
+        result = _apply(model, rank=32)  # 32 * (50 + 32) > 50 * 32
+    assert type(result.model.embed) is nn.Embedding and result.record.structure == {}
+    assert "would not reduce" in caplog.text
 
 
 def test_error_falls_as_rank_rises_and_matches_the_discarded_singular_values() -> None:
@@ -112,14 +140,15 @@ def test_padding_row_stays_zero_and_gets_no_gradient() -> None:
 def test_tied_embeddings_and_head_share_the_factors() -> None:
     torch.manual_seed(0)
     model = Seq2Seq()
+    _low_rank_(model.enc.weight, 4)
     x = _tokens(30)
     reference = model(x)
-    result = _apply(model, rank=16)
+    result = _apply(model, rank=4)
     out = result.model
     assert isinstance(out.dec, FactorizedEmbedding) and isinstance(out.head, FactorizedTiedHead)
     assert out.dec.weight is out.enc.weight and out.head.proj is out.enc.proj
     assert out.head.bias is not None
-    torch.testing.assert_close(out(x), reference, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out(x), reference, rtol=0, atol=1e-4)
     assert result.record.structure["enc"] == {"tie": ["dec", "head"]}
 
 

@@ -51,10 +51,13 @@ class CrossLayerSharingConfig(MethodConfig):
         rebuilds the sharing. Buffers (BatchNorm statistics, rotary tables) stay per layer. With
         ``share: attention`` the children named or typed like ``*attn*`` / ``*attention*``
         are shared, with ``ffn`` those like ``mlp`` / ``ffn`` / ``feed_forward`` /
-        ``intermediate`` / ``output`` (BERT); norms stay per layer. Sharing the layers of a
-        trained model without retraining loses accuracy (the mean of different layers is none
-        of them): follow it with a ``train`` block, e.g. ``distillation.logits`` from the
-        original. Run ``pruning.layers`` before it, not after (removing a layer renames the rest).
+        ``intermediate`` / ``output`` (BERT); other children (the norms of GPT-2 or Llama blocks)
+        stay per layer. Sharing the layers of a trained model without retraining loses accuracy
+        (the mean of different layers is none of them): follow it with a ``train`` block, e.g.
+        ``distillation.logits`` from the original. On all-MiniLM-L6-v2 without retraining,
+        ``all`` (22.7M -> 13.8M parameters) takes the Lee Pearson from 0.656 to 0.271,
+        ``attention`` (19.8M) to 0.509. Run ``pruning.layers`` before it, not after (removing a
+        layer renames the rest).
     """
 
     name: ClassVar[str] = _NAME
