@@ -22,6 +22,10 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     **{("pruning.layers", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # codes the indices of sharing.kmeans layers; a model without any must say so
     **{("sharing.huffman", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
+    # one set of weights for a stack of same-class layers; none of the tiny models has such a stack
+    **{("sharing.cross_layer", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
+    # factorises nn.Embedding tables; only the LM has one
+    **{("sharing.embedding", name): UnsupportedModuleError for name in ("mlp", "cnn")},
 }
 
 

@@ -112,6 +112,8 @@ ops = st.lists(st.one_of(json_values, st.fixed_dictionaries(
     {"fqn": st.sampled_from(("", "0", "1", "3", "2", "9", "0.weight", "a.b"))},
     optional={"module": st.one_of(module_specs, json_values), "shapes": shapes,
               "keep": st.one_of(st.lists(st.integers(-2, 5), max_size=4), json_values),
+              "tie": st.one_of(st.lists(st.sampled_from(("", "0", "1", "3", "2", "9", "0.weight", "a.b")),
+                                        max_size=3), json_values),
               "attrs": st.dictionaries(st.sampled_from(("in_features", "eps", "__dict__", "training", "k")),
                                        json_values, max_size=2)})), max_size=4)
 

@@ -22,5 +22,7 @@ from torchslim.quantization import qat as _qat  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401
+from torchslim.sharing import cross_layer as _cross_layer  # noqa: F401
+from torchslim.sharing import embedding as _embedding  # noqa: F401
 from torchslim.sharing import huffman as _huffman  # noqa: F401
 from torchslim.sharing import kmeans as _kmeans  # noqa: F401

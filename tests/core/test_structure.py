@@ -143,3 +143,68 @@ def test_nonexistent_fqn_raises(fqn: str) -> None:
 def test_malformed_ops_raise_output_error(ops: Any, message: str) -> None:
     with pytest.raises(OutputError, match=message):
         structure.replay(Net(), ops)
+
+
+def _tied_net() -> tuple[Net, dict[str, dict[str, Any]]]:
+    """A Net whose fc1 and fc2 were swapped for 32 -> 32 Linears sharing fc2's parameters."""
+    torch.manual_seed(0)
+    model = Net()
+    model.fc2 = nn.Linear(32, 32)
+    model.fc1 = nn.Linear(32, 32)
+    model.fc1.weight = model.fc2.weight
+    model.fc1.bias = model.fc2.bias
+    return model, {"fc1": {}, "fc2": {"tie": ["fc1"]}}
+
+
+class Twin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.b = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_tie_ops_come_after_swaps_and_rebuild_the_same_sharing() -> None:
+    model, changes = _tied_net()
+    ops = json.loads(json.dumps(structure.capture(model, changes)))
+    assert ops[-1] == {"fqn": "fc2", "tie": ["fc1"]} and len(ops) == 3  # two swaps, then the tie
+    rebuilt = structure.replay(Net(), ops)
+    assert rebuilt.fc1.weight is rebuilt.fc2.weight and rebuilt.fc1.bias is rebuilt.fc2.bias
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(rebuilt.fc1.weight, model.fc2.weight)
+
+
+def test_a_kept_module_records_only_its_tie_and_shares_every_nested_parameter() -> None:
+    ops = structure.capture(Twin(), {"a": {"tie": ["b"], "keep_module": True}})
+    assert ops == [{"fqn": "a", "tie": ["b"]}]
+    twin = structure.replay(Twin(), ops)
+    assert twin.a[0].weight is twin.b[0].weight and twin.a[1].bias is twin.b[1].bias
+    assert sum(p.numel() for p in twin.parameters()) == 20 + 8 + 15
+
+
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        ({"fqn": "a", "tie": "b"}, "must name a module and list distinct"),
+        ({"fqn": "a", "tie": []}, "must name a module and list distinct"),
+        ({"fqn": "a", "tie": ["b", "b"]}, "must name a module and list distinct"),
+        ({"fqn": "a", "tie": [3]}, "must name a module and list distinct"),
+        ({"fqn": "a", "tie": [""]}, "must name a module and list distinct"),
+        ({"fqn": "a", "tie": ["a.0"]}, "one contains the other"),
+        ({"fqn": "a.0", "tie": ["a"]}, "one contains the other"),
+        ({"fqn": "a", "tie": ["zz"]}, "has no module 'zz'"),
+        ({"fqn": "zz", "tie": ["a"]}, "has no module 'zz'"),
+        ({"fqn": "a.0.weight", "tie": ["b.0.weight"]}, "has no module"),
+        ({"fqn": "a", "tie": ["c"]}, "has no parameter '0.weight'"),
+        ({"fqn": "a.0", "tie": ["c"]}, r"cannot tie c.weight \[3, 4\]"),
+        ({"fqn": "a.0", "tie": ["b.0", "c"]}, r"cannot tie c.weight"),  # b.0 is checked, not tied
+    ],
+)
+def test_malformed_tie_ops_raise_output_error_and_tie_nothing(op: dict[str, Any], message: str) -> None:
+    twin = Twin()
+    with pytest.raises(OutputError, match=message):
+        structure.replay(twin, [op])
+    assert twin.a[0].weight is not twin.b[0].weight and twin.c.weight.shape == (3, 4)

@@ -15,7 +15,7 @@ from torch import nn
 
 from torchslim.errors import OutputError
 
-__all__ = ["capture", "keep_children", "module_spec", "rebuildable", "replay"]
+__all__ = ["capture", "keep_children", "module_spec", "rebuildable", "replay", "tie_modules"]
 
 T = TypeVar("T", bound=type[nn.Module])
 _SIMPLE = (int, float, str, bool, type(None))
@@ -91,13 +91,23 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     or {"keep": [indices]} (a ModuleList / Sequential reduced to those children, in order).
     With ``"keep_module": True`` the module stays; ``"params": [names]`` then records the shapes
     of those tensors so ``replay`` can resize them (channels cut from any module type).
-    Parents come before children; fqns that no longer exist are dropped.
+    ``"tie": [fqns]`` makes those modules share ``fqn``'s parameters (see ``tie_modules``); with
+    ``"keep_module": True`` and nothing else to record, only the tie is recorded (no swap).
+    Parents come before children; fqns that no longer exist are dropped; ties come last, after
+    every swap, so they bind the final modules.
     """
     present = dict(model.named_modules())
     ops = []
+    ties = []
     for fqn in sorted(changes, key=lambda f: (f.count("."), f)):
         if fqn not in present:
             continue
+        if "tie" in changes[fqn]:
+            tied = [t for t in changes[fqn]["tie"] if t in present]
+            if tied:
+                ties.append({"fqn": fqn, "tie": tied})
+            if changes[fqn].get("keep_module", False) and not changes[fqn].keys() & {"attrs", "params"}:
+                continue
         if "keep" in changes[fqn]:
             kept: dict[str, Any] = {"fqn": fqn, "keep": [int(i) for i in changes[fqn]["keep"]]}
             ops.append(kept)
@@ -111,7 +121,7 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
             ops.append(op)
         else:
             ops.append({"fqn": fqn, "module": module_spec(present[fqn], names)})
-    return ops
+    return ops + ties
 
 
 MAX_ELEMENTS = 2**31  # per module or tensor: above any model here (8 GB in fp32), below a corrupt size
@@ -156,6 +166,9 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
         fqn = op["fqn"]
         if "keep" in op:
             keep_children(model, fqn, op["keep"], where)
+            continue
+        if "tie" in op:
+            tie_modules(model, fqn, op["tie"], where)
             continue
         if not fqn and "module" not in op:  # the root keeps its class; its own tensors may resize
             _resize(model, op["shapes"], where)
@@ -210,6 +223,50 @@ def keep_children(model: nn.Module, fqn: str, keep: Any, where: str = "keep_chil
         if config is not None and getattr(config, "num_hidden_layers", None) == old:
             config.num_hidden_layers = len(keep)
     return model
+
+
+def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modules") -> nn.Module:
+    """Make each module in ``targets`` use ``fqn``'s parameters: the same objects, by relative name.
+
+    Every parameter of the source (``fqn``) must exist in each target under the same name, with
+    the same shape and dtype; a target may hold more (a head's bias). Buffers stay per module.
+    Sources and targets must be distinct, non-nested modules inside the model.
+    """
+    names = targets if isinstance(targets, list) else []
+    distinct = len(set(map(str, names))) == len(names) and all(isinstance(t, str) and t for t in names)
+    if not fqn or not names or not distinct:
+        raise OutputError(f"{where}: 'tie' must name a module and list distinct other modules that share "
+                          f"its parameters, found fqn={fqn!r}, tie={targets!r}")
+    for name in names:
+        if name == fqn or name.startswith(f"{fqn}.") or fqn.startswith(f"{name}."):
+            raise OutputError(f"{where}: cannot tie {name!r} to {fqn!r}: one contains the other")
+    source = _module_at(model, fqn, where)
+    params = list(source.named_parameters(remove_duplicate=False))
+    if not params:
+        raise OutputError(f"{where}: {fqn!r} ({type(source).__name__}) has no parameters to share")
+    targets = [_module_at(model, name, where) for name in names]
+    for name, target in zip(names, targets, strict=True):  # check everything before changing anything
+        for pname, param in params:
+            try:
+                old = target.get_parameter(pname)
+            except AttributeError as exc:
+                raise OutputError(f"{where}: {name!r} ({type(target).__name__}) has no parameter {pname!r} "
+                                  f"to tie to {fqn}.{pname}") from exc
+            if old.shape != param.shape or old.dtype != param.dtype:
+                raise OutputError(f"{where}: cannot tie {name}.{pname} {list(old.shape)} {old.dtype} to "
+                                  f"{fqn}.{pname} {list(param.shape)} {param.dtype}")
+    for target in targets:
+        for pname, param in params:
+            owner, _, leaf = pname.rpartition(".")
+            setattr(target.get_submodule(owner), leaf, param)
+    return model
+
+
+def _module_at(model: nn.Module, fqn: str, where: str) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError as exc:
+        raise OutputError(f"{where}: the model has no module {fqn!r}") from exc
 
 
 def _plain(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Layers whose weight is an index into a small trained codebook (weight sharing)."""
+"""Sharing modules: clustered layers (index into a trained codebook) and factorised embeddings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from torchslim.core.structure import rebuildable
 
-__all__ = ["ClusteredConv2d", "ClusteredLinear", "index_dtype"]
+__all__ = ["ClusteredConv2d", "ClusteredLinear", "FactorizedEmbedding", "FactorizedTiedHead", "index_dtype"]
 
 
 def index_dtype(bits: int) -> torch.dtype:
@@ -82,3 +82,71 @@ class ClusteredConv2d(_Clustered):
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
                 "bias": self.bias is not None, "bits": self.bits, "fixed_zero": self.fixed_zero}
+
+
+@rebuildable
+class FactorizedEmbedding(nn.Module):
+    """``nn.Embedding`` (V, H) as an embedding (V, E) followed by a projection E -> H without bias.
+
+    ``weight`` (V, E) holds the small per-token codes, ``proj`` (H, E) the shared projection:
+    ``forward(x) = weight[x] @ proj.T``. The row at ``padding_idx`` gets no gradient, as in
+    ``nn.Embedding``.
+    """
+
+    _torchslim_converted = True
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within num_embeddings, found {padding_idx!r}")
+            padding_idx = padding_idx % num_embeddings
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, rank))
+        self.proj = nn.Parameter(torch.zeros(embedding_dim, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.embedding(x, self.weight, self.padding_idx), self.proj)
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{pad}"
+
+    def full_weight(self) -> torch.Tensor:
+        """The (V, H) embedding matrix these factors stand for."""
+        return self.weight @ self.proj.T
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "rank": self.rank, "padding_idx": self.padding_idx}
+
+
+@rebuildable
+class FactorizedTiedHead(nn.Module):
+    """Output head tied to a ``FactorizedEmbedding``: ``logits = (h @ proj) @ weight.T + bias``.
+
+    Stands for ``nn.Linear(H, V)`` whose weight was the embedding matrix; ``weight`` and
+    ``proj`` are the embedding's own parameters (the same objects), so the tie survives.
+    """
+
+    _torchslim_converted = True
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight = nn.Parameter(torch.zeros(out_features, rank))
+        self.proj = nn.Parameter(torch.zeros(in_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h @ self.proj, self.weight, self.bias)
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.bias is not None}
