@@ -26,6 +26,7 @@ import torchslim as ts
 from torchslim.core.config import MethodConfig
 from torchslim.core.storage import serialized_size
 from torchslim.quantization import AWQConfig, GPTQConfig, WeightOnlyConfig
+from torchslim.quantization.mixed import MixedPrecisionConfig
 from torchslim.zoo import llm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,12 +44,14 @@ RUNS: dict[str, MethodConfig | None] = {
     "gptq-w4-noorder": GPTQConfig(bits=4, group_size=64, act_order=False, targets=DECODER),
     "gptq-w3": GPTQConfig(bits=3, group_size=64, targets=DECODER),
     "awq-w4": AWQConfig(bits=4, group_size=64, targets=DECODER),
+    "mixed-4.5": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.5, group_size=64, targets=DECODER),
+    "mixed-4.0": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.0, group_size=64, targets=DECODER),
 }
 # ASSETS.md, same windows and machine type, not measured in this run.
 REFERENCE = {"fp32": 30.77, "rtn-w8": 30.79, "rtn-w4": 39.26, "rtn-w3": 97.0, "gptq-w4": 35.11,
              "gptq-w4-noorder": 38.66, "gptq-w3": 85.55}
 LLMCOMPRESSOR = {"gptq-w4": 35.24, "gptq-w3": 55.93}
-TARGET = {"gptq-w4": 35.0, "gptq-w3": 55.0, "awq-w4": "< RTN 39.26"}
+TARGET = {"gptq-w4": 35.0, "gptq-w3": 55.0, "awq-w4": "< RTN 39.26", "mixed-4.5": "< GPTQ w4"}
 
 
 def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, calib: list[torch.Tensor],

@@ -21,6 +21,7 @@ from torchslim.quantization import ptq as _ptq  # noqa: F401
 from torchslim.quantization import qat as _qat  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
+from torchslim.quantization import mixed as _mixed  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401
 from torchslim.sharing import cross_layer as _cross_layer  # noqa: F401
 from torchslim.sharing import embedding as _embedding  # noqa: F401

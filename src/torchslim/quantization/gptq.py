@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torchslim.quantization._gptq import gptq_quantize
 from torchslim.quantization.packed import WeightOnlyLinear
 from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
 
-__all__ = ["GPTQConfig", "apply"]
+__all__ = ["GPTQConfig", "apply", "gptq_layers"]
 
 logger = logging.getLogger(__name__)
 _NAME = "quantization.gptq"
@@ -89,31 +89,39 @@ def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> Outcome:
     if not layers:
         logger.warning("%s: no selected plain nn.Linear with an untied weight; nothing to do", _NAME)
         return Outcome(model=model)
+    done = gptq_layers(model, layers, {f: cfg.bits for f in layers}, groups, cfg,
+                       calibration_inputs(ctx, cfg.batches, _NAME), _NAME)
+    return Outcome(model=model, touched=done, structure={f: {} for f in done},
+                   stats={"bits": cfg.bits, "group_size": cfg.group_size, "layers": len(done)},
+                   layers={f: {"bits": cfg.bits, "group_size": groups[f]} for f in done})
+
+
+def gptq_layers(model: nn.Module, layers: dict[str, nn.Linear], bits: dict[str, int], groups: dict[str, int],
+                cfg: GPTQConfig, batches: list[Any], who: str) -> tuple[str, ...]:
+    """GPTQ every layer of ``layers`` at its own ``bits[fqn]``, decoder block by block; returns the
+    fqns replaced by ``WeightOnlyLinear`` (``cfg`` gives the GPTQ settings; its ``bits`` is unused)."""
     done: list[str] = []
 
     def quantize(step: BlockStep) -> None:
         made = {}
         for fqn, module in step.layers.items():
             if fqn not in step.stats:
-                logger.warning("%s: %s never received an input during calibration; left float", _NAME, fqn)
+                logger.warning("%s: %s never received an input during calibration; left float", who, fqn)
                 continue
             hessian = step.stats[fqn].hessian()
             if not torch.isfinite(hessian).all():
-                raise DataError(f"{_NAME}: the calibration inputs of {fqn} contain NaN or inf")
+                raise DataError(f"{who}: the calibration inputs of {fqn} contain NaN or inf")
             assert isinstance(module, nn.Linear)
-            codes, scale, zero = gptq_quantize(module.weight, hessian, bits=cfg.bits, group_size=groups[fqn],
+            codes, scale, zero = gptq_quantize(module.weight, hessian, bits=bits[fqn], group_size=groups[fqn],
                                                symmetric=cfg.symmetric, act_order=cfg.act_order,
                                                damping=cfg.damping, block_size=cfg.block_size)
-            made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, cfg.bits, module.bias).to(
+            made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, bits[fqn], module.bias).to(
                 module.weight.device).train(module.training)
         done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
 
-    outside = layerwise(model, calibration_inputs(ctx, cfg.batches, _NAME), layers=layers,
-                        new_stat=_gram, on_block=quantize)
+    outside = layerwise(model, batches, layers=layers, new_stat=_gram, on_block=quantize)
     if outside:
         logger.warning("%s: %d selected layer(s) lie outside the model's repeated blocks and stay float "
                        "(select them alone in a second method to quantize them): %s",
-                       _NAME, len(outside), ", ".join(outside))
-    return Outcome(model=model, touched=tuple(done), structure={f: {} for f in done},
-                   stats={"bits": cfg.bits, "group_size": cfg.group_size, "layers": len(done)},
-                   layers={f: {"bits": cfg.bits, "group_size": groups[f]} for f in done})
+                       who, len(outside), ", ".join(outside))
+    return tuple(done)
