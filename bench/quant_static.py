@@ -136,7 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     lines = ["# Static int8: torchslim vs ONNX Runtime quantize_static (same run)", "",
              "Calibration: the same 256 training images (8 batches of 32) for both tools; torchslim uses its "
-             "default `histogram` (KL) observer, ONNX Runtime its default MinMax, both per-channel int8 weights "
+             "default `mse` observer, ONNX Runtime its default MinMax, both per-channel int8 weights "
              "and uint8 activations in QDQ format. Latency: batch 1, median of per-round medians over "
              f"{args.rounds} alternating rounds of 30 calls.", ""]
 

@@ -54,6 +54,35 @@ def test_folding_batchnorm_and_relu_is_exact_in_float() -> None:
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _Block(nn.Module):
+    """A ResNet-style block: its BatchNorms are called from ``forward``, not from a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(8, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.head(torch.relu(h + x).mean(dim=(2, 3)))
+
+
+def test_traced_blocks_fuse_batchnorms_called_from_forward() -> None:
+    torch.manual_seed(0)
+    model = _Block().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    fused = copy.deepcopy(model)
+    fusions = fuse(fused, ("type:Conv2d", "type:Linear"), (), "test")
+    assert (fusions["conv1"].norm, fusions["conv1"].activation) == ("bn1", "relu")
+    assert (fusions["conv2"].norm, fusions["conv2"].activation) == ("bn2", "none")  # the add comes first
+    x = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_ptq_grids_are_shared_and_outputs_stay_close() -> None:
     model = _cnn()
     x = _batches(1)[0]
