@@ -76,13 +76,13 @@ def _fuse_traced(model: nn.Module, fusions: dict[str, Fusion]) -> bool:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
 
     def single_module_user(node: torch.fx.Node, types: tuple[type[nn.Module], ...]) -> torch.fx.Node | None:
         users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or calls.get(users[0].target) != 1:
+        if len(users) != 1 or users[0].op != "call_module" or calls.get(str(users[0].target)) != 1:
             return None
-        return users[0] if type(modules.get(users[0].target)) in types else None
+        return users[0] if type(modules.get(str(users[0].target))) in types else None
 
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in fusions or calls[node.target] != 1:

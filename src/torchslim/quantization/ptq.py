@@ -58,8 +58,8 @@ class PTQConfig(MethodConfig):
         QGemm int8 kernels; the report's deployment table measures that engine. In PyTorch
         the same arithmetic runs in float (a faithful reference, not a fast kernel). Layers of
         other types, and BatchNorms not directly after a selected layer, stay float (the layers
-        are listed in a warning). Needs ``ctx.calib_data``; follow with ``quantization.qat`` if the accuracy loss
-        is too large.
+        are listed in a warning). Needs ``ctx.calib_data``; follow with ``quantization.qat`` if
+        the accuracy loss is too large.
     """
 
     name: ClassVar[str] = _NAME
