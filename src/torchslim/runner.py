@@ -120,6 +120,7 @@ def _record(record: RunRecord, stage: str, cfg: MethodConfig, outcome: Outcome, 
     record.outcomes.append(OutcomeRow(
         stage=stage, method=cfg.name, config=cfg.to_dict(), touched=list(outcome.touched),
         stats=dict(outcome.stats), layers=dict(outcome.layers), seconds=round(seconds, 3),
+        fronts={k: [list(map(float, p)) for p in v] for k, v in outcome.fronts.items()},
     ))
     for fqn, change in outcome.structure.items():
         record.structure[fqn] = {**record.structure.get(fqn, {}), **change}

@@ -46,3 +46,27 @@ def test_metric_plot_needs_a_task_metric(record: RunRecord) -> None:
     for row in record.metrics:
         row.values.pop("accuracy")
     assert "metric_vs_size.png" not in make_plots(record)
+
+
+def test_pareto_plot_draws_reported_fronts_and_survives_the_json_round_trip(record: RunRecord,
+                                                                            tmp_path: object) -> None:
+    from pathlib import Path
+
+    from torchslim.errors import OutputError
+    from torchslim.report.jsonio import read_record, write_report
+
+    assert "pareto.png" not in make_plots(record)
+    record.outcomes[1].fronts = {"average bits|error": [[3.0, 9.5], [4.0, 2.0], [8.0, 0.01]]}
+    width, height = _size(make_plots(record)["pareto.png"])
+    assert width >= 200 and height >= 200
+    folder = Path(str(tmp_path))
+    write_report(record, folder)
+    assert (folder / "plots" / "pareto.png").is_file()
+    assert read_record(folder).outcomes[1].fronts == record.outcomes[1].fronts
+    import json
+
+    raw = json.loads((folder / "record.json").read_text())
+    raw["outcomes"][1]["fronts"] = {"bits|error": [[1.0, "x"]]}
+    (folder / "record.json").write_text(json.dumps(raw))
+    with pytest.raises(OutputError, match="fronts"):
+        read_record(folder)

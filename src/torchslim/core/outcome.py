@@ -21,6 +21,8 @@ class Outcome:
             ``export`` uses the fqns to record how to rebuild the model.
         stats: Numbers for the report, e.g. ``{"sparsity": 0.5}``.
         layers: Per-layer numbers for the report, e.g. ``{"conv1": {"sparsity": 0.4}}``.
+        fronts: Trade-off curves for the report, ``"x name|y name" -> [[x, y], ...]`` (e.g. a
+            Pareto front of size vs error); each is drawn in ``plots/pareto.png``.
     """
 
     model: nn.Module
@@ -28,3 +30,4 @@ class Outcome:
     structure: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
     layers: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    fronts: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)

@@ -189,4 +189,6 @@ def apply(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -> Outcome:
     for b in cfg.bits:
         stats[f"layers_{b}bit"] = sum(alloc[f] == b for f in done)
     return Outcome(model=model, touched=done, structure={f: {} for f in done}, stats=stats,
-                   layers={f: {"bits": alloc[f], "group_size": groups[f]} for f in done})
+                   layers={f: {"bits": alloc[f], "group_size": groups[f]} for f in done},
+                   fronts={"average bits per weight|summed output error (calibration)":
+                           [list(p) for p in front]})

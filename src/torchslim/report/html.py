@@ -22,6 +22,7 @@ CAPTIONS = {
     "metric_vs_size.png": "Task metric against serialized size, one point per stage",
     "layers.png": "Per-layer result of each method",
     "latency.png": "Measured latency of each deployed artifact (median)",
+    "pareto.png": "Trade-off curves reported by the methods (e.g. bit allocation: size vs error)",
 }
 
 _CSS = """

@@ -87,6 +87,13 @@ def _check(record: RunRecord, path: Path) -> None:
         expect += [(f"outcomes[{i}].stats", o.stats, dict), (f"outcomes[{i}].layers", o.layers, dict),
                    (f"outcomes[{i}].touched", o.touched, list), (f"outcomes[{i}].seconds", o.seconds,
                                                                   (int, float))]
+        expect.append((f"outcomes[{i}].fronts", o.fronts, dict))
+        for key, points in (o.fronts.items() if isinstance(o.fronts, dict) else ()):
+            pairs = isinstance(points, list) and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in points)
+            if not pairs:
+                raise OutputError(f"{path}: outcomes[{i}].fronts[{key!r}] should be a list of "
+                                  "[x, y] numbers")
     for where, value, kind in expect:
         if not isinstance(value, kind):
             raise OutputError(f"{path}: {where} should be a {getattr(kind, '__name__', 'number')}, "

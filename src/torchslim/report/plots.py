@@ -113,6 +113,24 @@ def _latency(record: RunRecord) -> bytes | None:
     return _png(fig)
 
 
+def _pareto(record: RunRecord) -> bytes | None:
+    curves = [(o, key, pts) for o in record.outcomes for key, pts in o.fronts.items() if len(pts) >= 2]
+    if not curves:
+        return None
+    fig = _figure(6.5, 2.2 + 2.8 * len(curves))
+    axes: Any = fig.subplots(len(curves), 1, squeeze=False)
+    for ax, (outcome, key, pts) in zip(axes[:, 0], curves):
+        x_name, _, y_name = key.partition("|")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="#3a6ea5", markersize=4)
+        ax.set_xlabel(x_name)
+        ax.set_ylabel(y_name or "value")
+        if all(p[1] > 0 for p in pts) and max(p[1] for p in pts) > 100 * min(p[1] for p in pts):
+            ax.set_yscale("log")
+        ax.set_title(f"{outcome.stage} / {outcome.method}: {y_name} vs {x_name}", fontsize=10)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def make_plots(record: RunRecord) -> dict[str, bytes]:
     """Draw the plots the record has data for.
 
@@ -122,9 +140,12 @@ def make_plots(record: RunRecord) -> dict[str, bytes]:
     Returns:
         File name -> PNG bytes, among ``metric_vs_size.png`` (task metric vs serialized size
         per stage), ``layers.png`` (per-layer values of each method that reports them) and
-        ``latency.png`` (latency of each deployed artifact).
+        ``latency.png`` (latency of each deployed artifact) and ``pareto.png`` (the
+        trade-off curves methods report, e.g. the bit-allocation front of
+        ``quantization.mixed``).
     """
-    makers = {"metric_vs_size.png": _metric_vs_size, "layers.png": _layers, "latency.png": _latency}
+    makers = {"metric_vs_size.png": _metric_vs_size, "layers.png": _layers, "latency.png": _latency,
+              "pareto.png": _pareto}
     plots = {}
     for name, make in makers.items():
         png = make(record)

@@ -28,6 +28,7 @@ class OutcomeRow:
     stats: dict[str, float]
     layers: dict[str, dict[str, float]]
     seconds: float
+    fronts: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
