@@ -90,7 +90,8 @@ def _check(record: RunRecord, path: Path) -> None:
         expect.append((f"outcomes[{i}].fronts", o.fronts, dict))
         for key, points in (o.fronts.items() if isinstance(o.fronts, dict) else ()):
             pairs = isinstance(points, list) and all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in points)
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+                for p in points)
             if not pairs:
                 raise OutputError(f"{path}: outcomes[{i}].fronts[{key!r}] should be a list of "
                                   "[x, y] numbers")
