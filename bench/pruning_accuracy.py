@@ -70,11 +70,11 @@ def run(variant: str, ratio: float, epochs: int, train: Any, test: Any) -> dict[
     result = ts.compress(model, Recipe(stages=stages, measure=()), _ctx(train, test))
     row = {"variant": variant, "ratio_per_round": round(per_round, 4), "rounds": rounds,
            "flops_share": count_flops(result.model, x) / base_flops,
-           "accuracy": accuracy(result.model, test), "minutes": (time.perf_counter() - started) / 60,
+           "accuracy": 100 * accuracy(result.model, test), "minutes": (time.perf_counter() - started) / 60,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     one_shot = ts.apply(pretrained_fashion_cnn(), ChannelPruningConfig(ratio=ratio, importance=importance,
                                                                        ignore=IGNORE), _ctx(train, test)).model
-    row["accuracy_before_finetune"] = accuracy(one_shot, test) if not iterative else None
+    row["accuracy_before_finetune"] = 100 * accuracy(one_shot, test) if not iterative else None
     return row
 
 
@@ -112,7 +112,7 @@ def main() -> None:
     train, test = head(fashion_mnist("train"), args.train), fashion_mnist("test")
     state: dict[str, Any] = json.loads(STATE.read_text()) if STATE.is_file() else {}
     ratio, share = half_flops_ratio(pretrained_fashion_cnn(), test.tensors[0][:1])
-    state["meta"] = {"dense": accuracy(pretrained_fashion_cnn(), test), "ratio": ratio, "share": share,
+    state["meta"] = {"dense": 100 * accuracy(pretrained_fashion_cnn(), test), "ratio": ratio, "share": share,
                      "epochs": args.epochs, "train": args.train}
     for name in args.variants.split(","):
         state[name] = run(name, ratio, args.epochs, train, test)
