@@ -170,7 +170,7 @@ def decode_sparse(blob: np.ndarray, header: dict[str, int], count: int) -> np.nd
     gap_table, value_table = int(header["gap_table"]), int(header["value_table"])
     gap_bytes = int(header["gap_bytes"])
     if not (0 <= fill < 2**62 and 1 <= cap <= MAX_CAP and 0 <= gap_table <= cap + 1
-            and 0 <= value_table <= 2**16 and 0 <= gap_bytes and 0 <= entries):
+            and 0 <= value_table <= 2**16 and gap_bytes >= 0 and entries >= 0):
         raise ValueError(f"sparse header out of range: {header}")
     if count < 0 or count > entries * (cap + 1) + cap:
         raise ValueError(f"{entries} entries with gaps up to {cap} cannot fill {count} values")

@@ -5,7 +5,8 @@ that way; tied tensors are stored once; integer tensors of modules that ask for 
 (``entropy_coded = True``, e.g. cluster indices after ``sharing.huffman``) are Huffman-coded
 when that is smaller: densely (one code per value), or sparsely (format ``sparse_huffman``: the
 entries that differ from the most common value, each as a Huffman-coded gap and value, as in Deep
-Compression) when most values are one value, such as the pinned zero of pruned clustered layers. Decoding gives back every tensor bit for bit.
+Compression) when most values are one value, such as the pinned zero of pruned clustered layers.
+Decoding gives back every tensor bit for bit.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 from torchslim.core import huffman
 from torchslim.errors import OutputError
 
-__all__ = ["decode", "encode", "entropy_coded", "entropy_coded_bytes", "load_state_dict_into", "read_state_dict", "save_state_dict",
-           "serialized_size", "temp_path"]
+__all__ = ["decode", "encode", "entropy_coded", "entropy_coded_bytes", "load_state_dict_into",
+           "read_state_dict", "save_state_dict", "serialized_size", "temp_path"]
 
 _META_KEY = "torchslim.encoding"
 _TENSOR_COST = 64  # about what one more tensor adds to a safetensors header, in bytes
@@ -123,7 +124,8 @@ def entropy_coded_bytes(t: torch.Tensor) -> int:
 
 def _index_dtype(spec: Mapping[str, Any]) -> torch.dtype:
     if spec["dtype"] not in _INDEX_DTYPES:
-        raise ValueError(f"entropy-coded dtype must be one of {sorted(_INDEX_DTYPES)}; found {spec['dtype']!r}")
+        raise ValueError(f"entropy-coded dtype must be one of {sorted(_INDEX_DTYPES)}; "
+                         f"found {spec['dtype']!r}")
     return _INDEX_DTYPES[spec["dtype"]]
 
 

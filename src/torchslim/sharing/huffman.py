@@ -40,8 +40,9 @@ class HuffmanConfig(MethodConfig):
         decodes exactly to the same indices. Pruned weights cluster at the pinned zero, the
         most frequent index; a mostly-zero layer is then stored as in the paper: only its
         nonzero indices, each with the gap since the previous one, both Huffman-coded (a dense
-        code spends at least 1 bit on every zero, which caps the gain near 32x at 5 bits). The report lists bits per weight per layer. The model in memory and
-        its speed are unchanged: this is a storage format.
+        code spends at least 1 bit on every zero, which caps the gain near 32x at 5 bits).
+        The report lists bits per weight per layer. The model in memory and its speed are
+        unchanged: this is a storage format.
     """
 
     name: ClassVar[str] = _NAME
@@ -64,7 +65,8 @@ def apply(model: nn.Module, cfg: HuffmanConfig, ctx: Context) -> Outcome:
             logger.info("%s: %s: Huffman coding saves too little; indices stay raw", _NAME, fqn)
             continue
         module.entropy_coded = True
-        layers[fqn] = {"bits_per_weight": round(8 * size / indices.numel(), 3), "index_bits": float(module.bits)}
+        layers[fqn] = {"bits_per_weight": round(8 * size / indices.numel(), 3),
+                       "index_bits": float(module.bits)}
     total = sum(clustered[f].indices.numel() for f in layers)
     mean = sum(v["bits_per_weight"] * clustered[f].indices.numel() for f, v in layers.items()) / max(total, 1)
     structure: dict[str, dict[str, object]] = {f: {"attrs": ["entropy_coded"]} for f in layers}
