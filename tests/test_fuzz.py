@@ -143,7 +143,12 @@ def _encoded_once() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
     weight[weight.abs() < 1.0] = 0.0
     indices = (weight.abs() * 4).clamp(max=31).to(torch.uint8)  # Huffman-coded (sharing.huffman)
-    return storage.encode({"w": weight, "b": torch.zeros(16), "tied": weight, "idx": indices}, {"idx"})
+    pruned = torch.zeros(40, 40, dtype=torch.uint8)  # mostly the pinned zero: sparse Huffman format
+    pruned[::3, ::5] = torch.arange(1, 15, dtype=torch.uint8).repeat(8)[:112].view(14, 8)
+    tensors, meta = storage.encode({"w": weight, "b": torch.zeros(16), "tied": weight, "idx": indices,
+                                    "sparse_idx": pruned}, {"idx", "sparse_idx"})
+    assert json.loads(meta["torchslim.encoding"])["sparse_idx"]["format"] == "sparse_huffman"
+    return tensors, meta
 
 
 def _encoded() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -157,11 +162,17 @@ def weight_files(draw: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     info = json.loads(next(iter(meta.values())))
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.sampled_from(sorted(info)))
-        field = draw(st.sampled_from(("shape", "format", "of", "negative_zeros", "junk")))
+        field = draw(st.sampled_from(("shape", "format", "of", "negative_zeros", "junk", "dtype", "fill", "cap",
+                                      "entries", "gap_table", "value_table", "gap_bytes")))
         info[name][field] = draw(st.one_of(json_values, st.lists(st.integers(-5, 2**45), max_size=3)))
     if draw(st.booleans()):  # a truncated tensor
         key = draw(st.sampled_from(sorted(tensors)))
         tensors[key] = tensors[key].flatten()[: draw(st.integers(0, 8))]
+    if tensors["sparse_idx::sparse"].numel() and draw(st.booleans()):  # flipped bytes in the sparse blob
+        blob = tensors["sparse_idx::sparse"].clone()
+        for _ in range(draw(st.integers(1, 4))):
+            blob[draw(st.integers(0, blob.numel() - 1))] = draw(st.integers(0, 255))
+        tensors["sparse_idx::sparse"] = blob
     return tensors, {next(iter(meta)): draw(st.one_of(st.just(json.dumps(info)), st.text(max_size=20)))}
 
 

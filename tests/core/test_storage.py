@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.core import storage
+from torchslim.core import huffman, storage
 from torchslim.errors import OutputError
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -183,3 +183,38 @@ def test_inconsistent_encoding_metadata_raises_output_error() -> None:
 def test_save_leaves_no_temporary_file(tmp_path: Path) -> None:
     storage.save_state_dict(_holder(w=torch.randn(8)), tmp_path / "sub" / "w.safetensors")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["w.safetensors"]
+
+
+def test_mostly_zero_index_tensor_is_stored_sparse_and_smaller_than_dense_huffman(tmp_path: Path) -> None:
+    rng = torch.Generator().manual_seed(0)
+    indices = torch.randint(1, 32, (300, 784), dtype=torch.uint8, generator=rng)
+    indices[torch.rand(indices.shape, generator=rng) < 0.9] = 0  # 90% pruned: the pinned zero
+    module = _holder(indices=indices)
+    module.entropy_coded = True
+    _round_trip(module, tmp_path / "sparse.safetensors")
+    assert _encodings(tmp_path / "sparse.safetensors")["indices"]["format"] == "sparse_huffman"
+    stream, symbols, _ = huffman.encode(indices.flatten().numpy())
+    sparse_bytes = storage.entropy_coded_bytes(indices)
+    assert sparse_bytes < 0.75 * (stream.size + 5 * symbols.size)
+    assert sparse_bytes < indices.numel() / 8  # under one bit per weight: beyond any dense code
+
+
+def test_dense_index_tensor_keeps_the_dense_huffman_code(tmp_path: Path) -> None:
+    indices = (torch.randn(64, 64, generator=torch.Generator().manual_seed(1)) * 3).round().clamp(-7, 7) + 8
+    module = _holder(indices=indices.to(torch.uint8))
+    module.entropy_coded = True
+    _round_trip(module, tmp_path / "dense.safetensors")
+    assert _encodings(tmp_path / "dense.safetensors")["indices"]["format"] == "huffman"
+
+
+@pytest.mark.parametrize(("field", "value"), [("dtype", "float32"), ("dtype", "nn"), ("fill", 300),
+                                              ("shape", [10**12]), ("entries", float("inf")), ("cap", "x")])
+def test_corrupt_sparse_entries_raise_output_error(field: str, value: object) -> None:
+    indices = torch.zeros(200, 50, dtype=torch.uint8)
+    indices[::7, ::3] = 5
+    tensors, meta = storage.encode({"idx": indices}, {"idx"})
+    info = json.loads(meta["torchslim.encoding"])
+    assert info["idx"]["format"] == "sparse_huffman"
+    info["idx"][field] = value
+    with pytest.raises(OutputError, match="corrupt"):
+        storage.decode(tensors, {"torchslim.encoding": json.dumps(info)})

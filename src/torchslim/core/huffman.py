@@ -4,6 +4,11 @@
 lengths); ``decode`` reads it back exactly. Codes are canonical, so the table is just the code
 length of each symbol. Code lengths are limited to ``MAX_LENGTH`` bits; a distribution skewed
 enough to need longer codes is reported as not worth coding (the caller stores it raw).
+
+``encode_sparse`` / ``decode_sparse`` are Deep Compression's storage of a mostly-one-value tensor
+(cluster indices after pruning: the pinned zero): only the other entries are kept, each as the
+gap since the previous entry and its value, both Huffman-coded. A gap longer than ``cap`` is
+split by filler entries that hold the common value, so the gap alphabet stays small.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import itertools
 
 import numpy as np
 
-__all__ = ["MAX_LENGTH", "code_lengths", "decode", "encode"]
+__all__ = ["MAX_CAP", "MAX_LENGTH", "code_lengths", "decode", "decode_sparse", "encode", "encode_sparse"]
 
 MAX_LENGTH = 20
+MAX_CAP = 255  # longest gap one sparse entry spans; longer gaps take filler entries
 
 
 def code_lengths(counts: np.ndarray) -> np.ndarray:
@@ -99,3 +105,94 @@ def decode(stream: np.ndarray, symbols: np.ndarray, lengths: np.ndarray, count: 
         if pos > len(bits):
             raise ValueError(f"the bit stream ends after {i + 1} of {count} symbols")
     return np.asarray(out, dtype=np.int64)
+
+
+def _table_code(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(code length of every symbol 0..max as uint8, packed stream), or None if codes get too long."""
+    coded = encode(values)
+    if coded is None:
+        return None
+    stream, symbols, lengths = coded
+    table = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+    table[symbols] = lengths
+    return table, stream
+
+
+def _entries(flat: np.ndarray, fill: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gaps, values) of the sparse entries, fillers included, up to the last ``cap`` positions."""
+    positions = np.flatnonzero(flat != fill)
+    gaps = np.diff(positions, prepend=-1) - 1
+    tail = (len(flat) - 1 - (int(positions[-1]) if len(positions) else -1)) // (cap + 1)
+    fillers = np.append(gaps // (cap + 1), tail)  # filler entries before each entry, and at the end
+    counts = fillers + 1
+    counts[-1] -= 1  # the end has fillers only
+    out_gaps = np.full(int(counts.sum()), cap, dtype=np.int64)
+    out_values = np.full(len(out_gaps), fill, dtype=np.int64)
+    last = np.cumsum(counts[:-1]) - 1
+    out_gaps[last], out_values[last] = gaps % (cap + 1), flat[positions]
+    return out_gaps, out_values
+
+
+def encode_sparse(values: np.ndarray) -> tuple[np.ndarray, dict[str, int]] | None:
+    """``(blob, header)`` of non-negative integers stored as Huffman-coded (gap, value) entries.
+
+    The common value ``fill`` is implied wherever no entry is. The blob is the gap code table
+    (a length per symbol), the value code table, the gap stream and the value stream; the header
+    holds what is needed to split and check it. The gap width (``cap``) giving the smallest blob
+    is chosen. None if some code would exceed ``MAX_LENGTH`` bits.
+    """
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    if len(flat) == 0 or int(flat.min()) < 0:
+        return None
+    fill = int(np.bincount(flat).argmax())
+    best: tuple[np.ndarray, dict[str, int]] | None = None
+    for cap in (3, 7, 15, 31, 63, 127, MAX_CAP):
+        gaps, entries = _entries(flat, fill, cap)
+        header = {"fill": fill, "cap": cap, "entries": len(gaps), "gap_table": 0, "value_table": 0,
+                  "gap_bytes": 0}
+        parts: list[np.ndarray] = []
+        if len(gaps):
+            gap_code, value_code = _table_code(gaps), _table_code(entries)
+            if gap_code is None or value_code is None:
+                continue
+            parts = [gap_code[0], value_code[0], gap_code[1], value_code[1]]
+            header.update(gap_table=len(gap_code[0]), value_table=len(value_code[0]),
+                          gap_bytes=len(gap_code[1]))
+        blob = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+        if best is None or blob.size < best[0].size:
+            best = blob.astype(np.uint8), header
+    return best
+
+
+def decode_sparse(blob: np.ndarray, header: dict[str, int], count: int) -> np.ndarray:
+    """The ``count`` integers that ``encode_sparse`` stored; ValueError if blob and header disagree."""
+    fill, cap, entries = int(header["fill"]), int(header["cap"]), int(header["entries"])
+    gap_table, value_table = int(header["gap_table"]), int(header["value_table"])
+    gap_bytes = int(header["gap_bytes"])
+    if not (0 <= fill < 2**62 and 1 <= cap <= MAX_CAP and 0 <= gap_table <= cap + 1
+            and 0 <= value_table <= 2**16 and gap_bytes >= 0 and entries >= 0):
+        raise ValueError(f"sparse header out of range: {header}")
+    if count < 0 or count > entries * (cap + 1) + cap:
+        raise ValueError(f"{entries} entries with gaps up to {cap} cannot fill {count} values")
+    streams = blob.size - gap_table - value_table - gap_bytes
+    if streams < 0 or entries > 8 * min(gap_bytes, streams):
+        raise ValueError(f"a blob of {blob.size} bytes cannot hold {entries} sparse entries")
+    out = np.full(count, fill, dtype=np.int64)
+    if entries == 0:
+        return out
+    tables = blob[:gap_table], blob[gap_table:gap_table + value_table]
+    start = gap_table + value_table
+    gaps = _decode_table(blob[start:start + gap_bytes], tables[0], entries)
+    values = _decode_table(blob[start + gap_bytes:], tables[1], entries)
+    positions = np.cumsum(gaps + 1) - 1
+    if int(positions[-1]) >= count or count - 1 - int(positions[-1]) > cap:
+        raise ValueError(f"sparse entries end at position {int(positions[-1])} of {count}")
+    out[positions] = values
+    return out
+
+
+def _decode_table(stream: np.ndarray, table: np.ndarray, count: int) -> np.ndarray:
+    symbols = np.flatnonzero(table)
+    if len(symbols) == 0:
+        raise ValueError("a sparse code table has no symbols")
+    return decode(stream, symbols, table[symbols], count)

@@ -3,7 +3,10 @@
 A tensor whose zeros make it cheaper stored as (packed bitmask, nonzero values) is stored
 that way; tied tensors are stored once; integer tensors of modules that ask for entropy coding
 (``entropy_coded = True``, e.g. cluster indices after ``sharing.huffman``) are Huffman-coded
-when that is smaller. Decoding gives back every tensor bit for bit.
+when that is smaller: densely (one code per value), or sparsely (format ``sparse_huffman``: the
+entries that differ from the most common value, each as a Huffman-coded gap and value, as in Deep
+Compression) when most values are one value, such as the pinned zero of pruned clustered layers.
+Decoding gives back every tensor bit for bit.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from torch import nn
 from torchslim.core import huffman
 from torchslim.errors import OutputError
 
-__all__ = ["decode", "encode", "entropy_coded", "load_state_dict_into", "read_state_dict", "save_state_dict",
-           "serialized_size", "temp_path"]
+__all__ = ["decode", "encode", "entropy_coded", "entropy_coded_bytes", "load_state_dict_into",
+           "read_state_dict", "save_state_dict", "serialized_size", "temp_path"]
 
 _META_KEY = "torchslim.encoding"
+_TENSOR_COST = 64  # about what one more tensor adds to a safetensors header, in bytes
+_INDEX_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+                 "int64": torch.int64}
 
 
 def _bitmask_pays(t: torch.Tensor) -> bool:
@@ -86,16 +92,53 @@ def _encode_bitmask(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor]
 
 def _encode_huffman(name: str, t: torch.Tensor,
                     tensors: dict[str, torch.Tensor]) -> dict[str, object] | None:
-    """Huffman-code an integer tensor if that is smaller than storing it as is."""
+    """Huffman-code an integer tensor, dense or sparse, if that is smaller than storing it as is."""
     if t.numel() == 0 or int(t.min()) < 0:
         return None
-    coded = huffman.encode(t.flatten().numpy())
-    if coded is None or coded[0].size + 5 * coded[1].size >= t.numel() * t.element_size():
+    flat = t.flatten().numpy()
+    coded, sparse = huffman.encode(flat), huffman.encode_sparse(flat)
+    dense_size = coded[0].size + 5 * coded[1].size if coded is not None else t.numel() * t.element_size()
+    # each stored tensor costs about _TENSOR_COST header bytes: sparse keeps one, dense three
+    sparse_size = sparse[0].size - 2 * _TENSOR_COST if sparse is not None else dense_size
+    raw = t.numel() * t.element_size()
+    dtype = str(t.dtype).removeprefix("torch.")
+    if sparse is not None and sparse_size < dense_size and sparse[0].size < raw:
+        tensors[f"{name}::sparse"] = torch.from_numpy(sparse[0])
+        return {"format": "sparse_huffman", "shape": list(t.shape), "dtype": dtype, **sparse[1]}
+    if coded is None or dense_size >= raw:
         return None
     tensors[f"{name}::huffman"] = torch.from_numpy(coded[0])
     tensors[f"{name}::symbols"] = torch.from_numpy(coded[1])
     tensors[f"{name}::lengths"] = torch.from_numpy(coded[2])
-    return {"format": "huffman", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return {"format": "huffman", "shape": list(t.shape), "dtype": dtype}
+
+
+def entropy_coded_bytes(t: torch.Tensor) -> int:
+    """Bytes of the data ``save_state_dict`` writes for an entropy-coded integer tensor."""
+    tensors: dict[str, torch.Tensor] = {}
+    t = t.detach().cpu()
+    if t.dtype.is_floating_point or _encode_huffman("t", t, tensors) is None:
+        return t.numel() * t.element_size()
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def _index_dtype(spec: Mapping[str, Any]) -> torch.dtype:
+    if spec["dtype"] not in _INDEX_DTYPES:
+        raise ValueError(f"entropy-coded dtype must be one of {sorted(_INDEX_DTYPES)}; "
+                         f"found {spec['dtype']!r}")
+    return _INDEX_DTYPES[spec["dtype"]]
+
+
+def _decode_sparse(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    shape = [int(s) for s in spec["shape"]]
+    if min(shape, default=1) < 0:
+        raise ValueError(f"{name}: negative shape {shape}")
+    dtype = _index_dtype(spec)
+    header = {k: int(spec[k]) for k in ("fill", "cap", "entries", "gap_table", "value_table", "gap_bytes")}
+    values = huffman.decode_sparse(tensors[f"{name}::sparse"].numpy(), header, math.prod(shape))
+    if len(values) and int(values.max()) > torch.iinfo(dtype).max:
+        raise ValueError(f"{name}: decoded value {int(values.max())} does not fit {dtype}")
+    return torch.from_numpy(values).to(dtype).view(shape)
 
 
 def _decode_huffman(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -104,7 +147,7 @@ def _decode_huffman(name: str, spec: Mapping[str, Any], tensors: Mapping[str, to
     stream = tensors[f"{name}::huffman"].numpy()
     if min(shape, default=1) < 0 or numel > 8 * stream.size:
         raise ValueError(f"{name}: shape {shape} does not fit a stream of {stream.size} bytes")
-    dtype = getattr(torch, str(spec["dtype"]))
+    dtype = _index_dtype(spec)
     symbols, lengths = tensors[f"{name}::symbols"].numpy(), tensors[f"{name}::lengths"].numpy()
     values = huffman.decode(stream, symbols, lengths, numel)
     return torch.from_numpy(values).to(dtype).view(shape)
@@ -141,10 +184,12 @@ def decode(
                 out[name] = _decode_bitmask(name, spec, tensors)
             elif spec["format"] == "huffman":
                 out[name] = _decode_huffman(name, spec, tensors)
+            elif spec["format"] == "sparse_huffman":
+                out[name] = _decode_sparse(name, spec, tensors)
         for name, spec in info.items():
             if spec["format"] == "alias":
                 out[name] = out[spec["of"]]
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError) as exc:
         raise OutputError(f"weights file is corrupt: cannot decode ({exc})") from exc
     return out
 
