@@ -22,6 +22,8 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     **{("pruning.layers", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # codes the indices of sharing.kmeans layers; a model without any must say so
     **{("sharing.huffman", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
+    # two layers only, both kept float by keep_first_last (the default, as in the papers)
+    **{(key, "mlp"): UnsupportedModuleError for key in ("quantization.binary", "quantization.ternary")},
 }
 
 

@@ -17,8 +17,10 @@ from torchslim.pruning import snip as _snip  # noqa: F401
 from torchslim.pruning import sparsegpt as _sparsegpt  # noqa: F401
 from torchslim.pruning import wanda as _wanda  # noqa: F401
 from torchslim.quantization import awq as _awq  # noqa: F401
+from torchslim.quantization import binary as _binary  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
+from torchslim.quantization import ternary as _ternary  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401
 from torchslim.sharing import huffman as _huffman  # noqa: F401
 from torchslim.sharing import kmeans as _kmeans  # noqa: F401
