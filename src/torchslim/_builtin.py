@@ -19,6 +19,7 @@ from torchslim.pruning import wanda as _wanda  # noqa: F401
 from torchslim.quantization import awq as _awq  # noqa: F401
 from torchslim.quantization import binary as _binary  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
+from torchslim.quantization import fixed_point as _fixed_point  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
 from torchslim.quantization import ternary as _ternary  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401

@@ -11,7 +11,7 @@ from torch import nn
 
 from torchslim.core import Context, Outcome, TrainedMethod, select, surgery
 from torchslim.errors import UnsupportedModuleError
-from torchslim.quantization.lowbit import lowbit_forward
+from torchslim.quantization.lowbit import _Packed, _PackedConv2d, _PackedLinear, lowbit_forward
 
 __all__ = ["LowBitMethod", "LowBitTraining", "lowbit_layers"]
 
@@ -54,6 +54,7 @@ class LowBitTraining(nn.Module):
         weight = self.layer.weight
         assert isinstance(weight, torch.Tensor)
         bias = self.layer.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
         return lowbit_forward(self.layer, x, self.quantize(weight), bias, self.activations)
 
 
@@ -61,7 +62,7 @@ class LowBitMethod(TrainedMethod):
     """Wraps the layers on start, packs them on end; subclasses say how weights are quantized."""
 
     who = ""
-    packed: tuple[type[nn.Module], type[nn.Module]]  # (Linear kind, Conv2d kind)
+    packed: tuple[type[_PackedLinear], type[_PackedConv2d]]
     bits = 1
     activations = False
 
@@ -104,16 +105,19 @@ class LowBitMethod(TrainedMethod):
                               "weight_bytes_ratio": round(sizes[0] / max(sizes[1], 1), 2)})
 
     @torch.no_grad()
-    def _packed_layer(self, layer: nn.Module) -> Any:
+    def _packed_layer(self, layer: nn.Module) -> _Packed:
         weight = layer.weight
         assert isinstance(weight, torch.Tensor)
         signs, scale = self.codes(weight.detach().float())
         bias = layer.bias is not None
+        new: _Packed
         if isinstance(layer, nn.Linear):
             new = self.packed[0](layer.in_features, layer.out_features, bias, self.activations)
         else:
             assert isinstance(layer, nn.Conv2d)
-            new = self.packed[1](layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                 layer.padding, layer.dilation, layer.groups, bias, self.activations)
+            new = self.packed[1](layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                                 layer.stride, layer.padding, layer.dilation, layer.groups,  # type: ignore[arg-type]
+                                 bias, self.activations)
+        assert layer.bias is None or isinstance(layer.bias, torch.Tensor)
         new.set_weight(signs, scale, layer.bias)
         return new.to(weight.device).train(layer.training)

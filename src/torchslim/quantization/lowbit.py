@@ -26,11 +26,12 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        out: torch.Tensor = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
+        x: torch.Tensor = ctx.saved_tensors[0]
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
@@ -75,7 +76,8 @@ class _TernarySTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, factor: float, per_channel: bool) -> torch.Tensor:
         signs, alpha = ternary_codes(weight, factor, per_channel)
-        return alpha.view(-1, *[1] * (weight.dim() - 1)) * signs
+        out: torch.Tensor = alpha.view(-1, *[1] * (weight.dim() - 1)) * signs
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -102,7 +104,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: int32 codes (rows, k)."""
     per = 8 // bits
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
+    codes: torch.Tensor = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
     return codes.reshape(packed.shape[0], -1)[:, :k]
 
 
@@ -124,8 +126,8 @@ def lowbit_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torc
         out = F.conv2d(signs, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
         kh, kw = weight.shape[2:]
         box = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=x.dtype, device=x.device)
-        k = F.conv2d(x.abs().mean(dim=1, keepdim=True), box, None, layer.stride, layer.padding, layer.dilation)
-        out = out * k
+        mean_abs = x.abs().mean(dim=1, keepdim=True)  # A of the paper: (n, 1, h, w)
+        out = out * F.conv2d(mean_abs, box, None, layer.stride, layer.padding, layer.dilation)
         return out if bias is None else out + bias.view(1, -1, 1, 1)
     out = F.linear(signs, weight) * x.abs().mean(dim=-1, keepdim=True)
     return out if bias is None else out + bias
