@@ -78,8 +78,8 @@ class _FixedPoint(nn.Module):
     def _init_fixed(self, shape: tuple[int, ...], bias: bool, total_bits: int, weight_frac: int,
                     input_frac: int, output_frac: int) -> None:
         if not 2 <= total_bits <= 16 or output_frac > weight_frac + input_frac:
-            raise ValueError(f"fixed-point layer: need 2 <= total_bits <= 16 and output_frac <= "
-                             f"weight_frac + input_frac; found total_bits={total_bits}, output_frac={output_frac}, "
+            raise ValueError("fixed-point layer: need 2 <= total_bits <= 16 and output_frac <= weight_frac + "
+                             f"input_frac; found total_bits={total_bits}, output_frac={output_frac}, "
                              f"weight_frac={weight_frac}, input_frac={input_frac}")
         self.total_bits, self.weight_frac = total_bits, weight_frac
         self.input_frac, self.output_frac = input_frac, output_frac
