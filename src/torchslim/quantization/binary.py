@@ -52,6 +52,9 @@ class BinaryQuantizationConfig(MethodConfig):
         and the scales stay float32). The packed layers unpack the signs and multiply in float:
         the file shrinks, inference is not faster (no XNOR-popcount kernel). Tied weights and
         Linear subclasses read by their owners (``nn.MultiheadAttention.out_proj``) stay float.
+        With ``activations``, a layer right after a ReLU sees only +1 inputs (its input is never
+        negative): put binarised layers after BatchNorm, as XNOR-Net orders its blocks
+        (BatchNorm, binarise, convolution, pooling).
     """
 
     name: ClassVar[str] = _NAME
