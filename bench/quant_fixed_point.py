@@ -76,7 +76,10 @@ def _render(rows: list[tuple[str, float, int, float, str]], formats: str) -> str
               f"Reproduce: `python bench/quant_fixed_point.py`. Machine: {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} (shared); "
               f"torch {torch.__version__}. Sizes are the weights as `ts.save` writes them (int8 up to 8 bits, "
-              "int16 above, int64 biases; BatchNorm in float32).", ""]
+              "int16 above, int64 biases; BatchNorm in float32).",
+              "Seconds are wall time on a shared machine under load and only indicative. The 4-bit file is "
+              "smaller than half the 8-bit one because many 4-bit weights round to zero and `ts.save` stores "
+              "such tensors as bitmask + values; 12 and 16 bits both store int16.", ""]
     return "\n".join(lines)
 
 
