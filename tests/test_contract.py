@@ -26,6 +26,8 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     **{("sharing.cross_layer", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # factorises nn.Embedding tables; only the LM has one
     **{("sharing.embedding", name): UnsupportedModuleError for name in ("mlp", "cnn")},
+    # two layers only, both kept float by keep_first_last (the default, as in the papers)
+    **{(key, "mlp"): UnsupportedModuleError for key in ("quantization.binary", "quantization.ternary")},
 }
 
 
