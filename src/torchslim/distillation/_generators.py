@@ -22,7 +22,7 @@ class ImageGenerator(nn.Module):
     size, two (upsample, conv, BN, LeakyReLU) stages, a conv to ``C`` channels, tanh and a
     BatchNorm without affine so each channel of a batch has mean 0 and variance 1."""
 
-    def __init__(self, latent_dim: int, shape: tuple[int, int, int], width: int = 64) -> None:
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int], width: int = 32) -> None:
         super().__init__()
         c, h, w = shape
         self.shape = shape
@@ -32,12 +32,13 @@ class ImageGenerator(nn.Module):
         self.body = nn.Sequential(
             nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
             nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2), nn.Conv2d(width, width // 2, 3, padding=1),
-            nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2), nn.Conv2d(width // 2, c, 3, padding=1),
-            nn.Tanh(), nn.BatchNorm2d(c, affine=False))
+            nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2), nn.Conv2d(width // 2, c, 3, padding=1))
+        self.head = nn.Sequential(nn.Tanh(), nn.BatchNorm2d(c, affine=False))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x: torch.Tensor = self.body(self.stem(z))  # (B, C, 4*h0, 4*w0)
-        return x[..., : self.shape[1], : self.shape[2]]  # crop when H or W is not a multiple of 4
+        x = self.body(self.stem(z))  # (B, C, 4*h0, 4*w0)
+        out: torch.Tensor = self.head(x[..., : self.shape[1], : self.shape[2]])  # crop to (H, W), then normalise
+        return out
 
 
 class VectorGenerator(nn.Module):

@@ -91,7 +91,7 @@ class DataFreeConfig(MethodConfig):
     adversarial: bool = False
     temperature: float = 4.0
     latent_dim: int = 64
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1.0e-3
     activation_weight: float = 0.1
     entropy_weight: float = 5.0
