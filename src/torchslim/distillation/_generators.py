@@ -37,7 +37,7 @@ class ImageGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.body(self.stem(z))  # (B, C, 4*h0, 4*w0)
-        out: torch.Tensor = self.head(x[..., : self.shape[1], : self.shape[2]])  # crop to (H, W), then normalise
+        out: torch.Tensor = self.head(x[..., : self.shape[1], : self.shape[2]])  # crop, then normalise
         return out
 
 

@@ -100,7 +100,8 @@ class DataFreeConfig(MethodConfig):
     samples: int = 1024
 
     def __post_init__(self) -> None:
-        check(self.generator in ("gan", "vae"), f"{_NAME}: generator must be gan or vae, got {self.generator!r}")
+        check(self.generator in ("gan", "vae"),
+              f"{_NAME}: generator must be gan or vae, got {self.generator!r}")
         check(self.temperature > 0 and self.lr > 0, f"{_NAME}: temperature and lr must be > 0")
         check(min(self.latent_dim, self.batch_size, self.epoch_steps, self.samples) >= 1,
               f"{_NAME}: latent_dim, batch_size, epoch_steps and samples must be >= 1")
@@ -151,7 +152,8 @@ class DataFreeDistillation(TrainedMethod):
         with torch.random.fork_rng(devices=[]):  # seeded; the global RNG is left alone
             torch.manual_seed(ctx.seed)
             generator = build_generator(shape, self.cfg.latent_dim).to(ctx.device)
-            latent = LatentGaussian(self.cfg.latent_dim).to(ctx.device) if self.cfg.generator == "vae" else None
+            latent = (LatentGaussian(self.cfg.latent_dim).to(ctx.device)
+                      if self.cfg.generator == "vae" else None)
             check_fit(generator, teacher, shape, self.cfg.latent_dim, _NAME)
         self.attach(generator, teacher, latent)
         return _Stream(self)
@@ -182,15 +184,16 @@ class DataFreeDistillation(TrainedMethod):
             logits = logits_of(self._teacher(x), _NAME)
         terms = dafl_losses(logits, taps)
         c = self.cfg
-        loss = terms["onehot"] + c.activation_weight * terms["activation"] + c.entropy_weight * terms["entropy"]
-        loss = loss + c.bn_weight * terms["bn"]
+        loss = (terms["onehot"] + c.activation_weight * terms["activation"]
+                + c.entropy_weight * terms["entropy"] + c.bn_weight * terms["bn"])
         if self.latent is not None:
             terms["kl"] = self.latent.kl() / c.latent_dim
             loss = loss + terms["kl"]
         if c.adversarial and self._student is not None:
             terms["disagreement"] = F.l1_loss(logits_of(self._student(x), _NAME), logits)
             loss = loss - terms["disagreement"]
-        return loss, logits, {k: float(v.detach()) for k, v in terms.items()} | {"total": float(loss.detach())}
+        floats = {k: float(v.detach()) for k, v in terms.items()}
+        return loss, logits, floats | {"total": float(loss.detach())}
 
     def generator_step(self) -> torch.Tensor:
         """One Adam step of the generator; returns its samples (detached) for the student."""
@@ -204,9 +207,9 @@ class DataFreeDistillation(TrainedMethod):
         loss.backward(inputs=params)  # type: ignore[no-untyped-call]  # the student is left alone
         self._opt.step()
         self.history.append(terms)
-        x = x.detach()
-        self._last = (x, logits.detach())
-        return x
+        samples: torch.Tensor = x.detach()
+        self._last = (samples, logits.detach())
+        return samples
 
     def task_weight(self) -> float:
         return 0.0  # generated samples have no labels; real labels are left to distillation.logits
@@ -224,7 +227,8 @@ class DataFreeDistillation(TrainedMethod):
     def sample(self, n: int) -> torch.utils.data.TensorDataset:
         """``n`` generated inputs with the teacher's predicted classes."""
         if self.generator is None or self._teacher is None:
-            raise DataError(f"{_NAME}: no generator yet (it is built when a stage runs without training data)")
+            raise DataError(f"{_NAME}: no generator yet (it is built when a stage runs without "
+                            "training data)")
         device = next(self.generator.parameters()).device
         xs, ys = [], []
         for start in range(0, n, self.cfg.batch_size):
@@ -244,7 +248,8 @@ class DataFreeDistillation(TrainedMethod):
             counts = torch.bincount(y).float()
             stats["classes_covered"] = float((counts > 0).sum())
             last = self.history[-20:]
-            stats |= {f"generator_{k}": sum(h[k] for h in last) / len(last) for k in (last[0] if last else {})}
+            for key in last[0] if last else {}:
+                stats[f"generator_{key}"] = sum(h[key] for h in last) / len(last)
             if ctx.workdir is not None:
                 title = f"{_NAME} ({self.cfg.generator}): samples and teacher classes"
                 save_samples(ctx.workdir, "datafree-samples", x, y, title)
