@@ -124,3 +124,14 @@ def test_bad_input_is_named() -> None:
         DataFreeConfig(generator="flow")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         DataFreeConfig(batch_size=1)
+
+
+def test_sample_previews_are_embedded_in_the_report(tmp_path: Path) -> None:
+    from torchslim.distillation._preview import save_samples
+    from torchslim.report.jsonio import write_report
+    from torchslim.report.record import RunRecord
+
+    save_samples(tmp_path, "datafree-samples", torch.randn(12, 1, 8, 8), torch.arange(12) % 10, "t")
+    write_report(RunRecord(recipe={}, environment={}), tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "Synthetic samples of distillation.datafree" in html and "data:image/png;base64," in html
