@@ -16,6 +16,8 @@ from torchslim.recipes import Recipe, TrainSpec
 # with this error (and leave no hooks behind) instead of running.
 NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     ("distillation.attention", "mlp"): UnsupportedModuleError,  # no attention, no feature maps
+    # a generator makes continuous inputs; the LM takes token ids
+    ("distillation.datafree", "lm"): UnsupportedModuleError,
     # inversion matches the teacher's BatchNorm statistics; these teachers have none
     **{("distillation.inversion", name): UnsupportedModuleError for name in ("mlp", "lm")},
     # no stack of same-class blocks and no identity-shortcut residual block to remove

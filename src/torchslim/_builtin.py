@@ -2,6 +2,7 @@
 
 from torchslim.distillation import adversarial as _adversarial  # noqa: F401
 from torchslim.distillation import attention as _attention  # noqa: F401
+from torchslim.distillation import datafree as _datafree  # noqa: F401
 from torchslim.distillation import features as _features  # noqa: F401
 from torchslim.distillation import inversion as _inversion  # noqa: F401
 from torchslim.distillation import logits as _logits  # noqa: F401

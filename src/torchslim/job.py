@@ -141,8 +141,21 @@ def _finish(result: Result, original: nn.Module, ctx: Context, recipe: Recipe, o
     save(result, out, overwrite=True)
     if "onnx" in recipe.export:
         result.record.deployments.extend(deploy_rows(original, result.model, ctx, out))
+    _keep_samples(ctx.workdir, out)
     write_report(result.record, out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _keep_samples(workdir: Path | None, out: Path) -> None:
+    """Move the synthetic samples and previews of data-free methods out of the checkpoints."""
+    if workdir is None or not workdir.is_dir():
+        return
+    for path in [*workdir.glob("*samples.safetensors"), workdir / "synthetic.safetensors",
+                 *workdir.glob("plots/*.png")]:
+        if path.is_file():
+            target = out / path.relative_to(workdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
 
 
 def deploy_rows(original: nn.Module, compressed: nn.Module, ctx: Context, out: Path) -> list[DeploymentRow]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +14,7 @@ from torch import nn
 
 from torchslim.core import Context, MethodConfig, Step, TrainedMethod, check, register
 from torchslim.distillation._outputs import logits_of
+from torchslim.distillation._preview import preview_png
 from torchslim.distillation.losses import soft_target_loss
 from torchslim.errors import DataError, UnsupportedModuleError
 
@@ -172,6 +174,10 @@ class InversionDistillation(TrainedMethod):
             Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
             save_file({"inputs": data.tensors[0].contiguous(), "labels": data.tensors[1].contiguous()},
                       str(Path(ctx.workdir) / "synthetic.safetensors"))
+            if importlib.util.find_spec("matplotlib") is not None:
+                png = preview_png(data.tensors[0], data.tensors[1], f"{_NAME}: samples and their classes")
+                (Path(ctx.workdir) / "plots").mkdir(exist_ok=True)
+                (Path(ctx.workdir) / "plots" / "inversion-samples.png").write_bytes(png)
         return data
 
     def task_weight(self) -> float:

@@ -24,6 +24,11 @@ CAPTIONS = {
     "latency.png": "Measured latency of each deployed artifact (median)",
     "pareto.png": "Trade-off curves reported by the methods (e.g. bit allocation: size vs error)",
 }
+# Written by data-free distillation methods during the run (not drawn from the record).
+SAMPLE_CAPTIONS = {
+    "datafree-samples.png": "Synthetic samples of distillation.datafree (teacher's class above each)",
+    "inversion-samples.png": "Synthetic samples of distillation.inversion (class each was made for above it)",
+}
 
 _CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; margin: 0; background: #fafafa; }
@@ -59,7 +64,7 @@ def _figures(plots: dict[str, bytes]) -> list[str]:
     out = []
     for name, png in plots.items():
         data = base64.b64encode(png).decode("ascii")
-        caption = escape(CAPTIONS.get(name, name))
+        caption = escape(CAPTIONS.get(name) or SAMPLE_CAPTIONS.get(name, name))
         out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
                    f"<figcaption>{caption}</figcaption></figure>")
     return out

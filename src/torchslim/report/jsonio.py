@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.errors import OutputError
-from torchslim.report.html import CAPTIONS, render_html
+from torchslim.report.html import CAPTIONS, SAMPLE_CAPTIONS, render_html
 from torchslim.report.markdown import render_markdown
 from torchslim.report.record import RunRecord
 
@@ -45,6 +45,8 @@ def _atomic_write(path: Path, data: bytes) -> Path:
 def write_report(record: RunRecord, folder: Path) -> list[Path]:
     """Write ``record.json``, ``report.md``, ``report.html`` and ``plots/*.png`` into ``folder``.
 
+    Sample previews of data-free methods already in ``folder/plots`` are embedded too.
+
     Plots need matplotlib (the ``report`` extra); without it the report is written without
     them and a warning is logged.
 
@@ -64,12 +66,16 @@ def write_report(record: RunRecord, folder: Path) -> list[Path]:
         logger.warning("matplotlib is not installed: writing the report without plots "
                        "(pip install 'torchslim[report]')")
         plots = {}
+    for name in SAMPLE_CAPTIONS:  # previews written by data-free methods are embedded as they are
+        if (folder / "plots" / name).is_file():
+            plots[name] = (folder / "plots" / name).read_bytes()
     written = [
         _atomic_write(folder / RECORD, record.to_json().encode("utf-8")),
         _atomic_write(folder / "report.md", render_markdown(record).encode("utf-8")),
         _atomic_write(folder / "report.html", render_html(record, plots).encode("utf-8")),
     ]
-    written += [_atomic_write(folder / "plots" / name, png) for name, png in plots.items()]
+    written += [_atomic_write(folder / "plots" / name, png) for name, png in plots.items()
+                if name not in SAMPLE_CAPTIONS]
     for name in set(CAPTIONS) - set(plots):  # a re-render must not keep a plot that no longer applies
         (folder / "plots" / name).unlink(missing_ok=True)
     return written

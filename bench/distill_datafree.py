@@ -1,0 +1,138 @@
+"""Data-free distillation of ``fashion_cnn`` into a half-width student: DAFL-GAN, VAE, DeepInversion.
+
+Teacher: the bundled pretrained ``fashion_cnn`` (width 32, hidden 128). Student: FashionCNN
+width 16, hidden 64, seeded random init. Reference: the same student trained on the real
+Fashion-MNIST train split (hard labels, ``--real-epochs`` epochs). Data-free variants see
+no real image at all: the Context holds only the teacher and one example input (for the
+shape), and each gets the same wall-clock budget (``--minutes``), spent as follows:
+
+- ``distillation.datafree`` (gan, vae): default config; a 10-step probe measures seconds per
+  step, then the stage runs ``train: {steps: budget / step time}`` (default lr and schedule).
+- ``distillation.inversion``: default config; a probe times one synthetic batch, 70% of the
+  budget goes to synthesis (``samples``) and the rest to ``steps`` of distillation on them.
+
+Run: flock /tmp/torchslim-bench.lock python bench/distill_datafree.py --minutes 8
+Results are merged into docs/benchmarks/datafree.json, so variants can run separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import torchslim as ts
+from torchslim.distillation.datafree import DataFreeConfig
+from torchslim.distillation.inversion import InversionConfig, synthesize
+from torchslim.recipes import Recipe, Stage, TrainSpec
+from torchslim.zoo import FashionCNN, accuracy, fashion_mnist, pretrained_fashion_cnn
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "datafree.md"
+STATE = DOC.with_suffix(".json")
+LABEL = {"real": "real data (hard labels), reference", "gan": "distillation.datafree, generator: gan (DAFL)",
+         "vae": "distillation.datafree, generator: vae", "adv": "distillation.datafree, gan + adversarial (DFAD)",
+         "inversion": "distillation.inversion (DeepInversion)"}
+
+
+def student(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return FashionCNN(width=16, hidden=64)
+
+
+def _stage(methods: tuple[object, ...], spec: TrainSpec) -> Recipe:
+    return Recipe(stages=(Stage(name="train", methods=methods, train=spec),), measure=())  # type: ignore[arg-type]
+
+
+def _datafree(cfg: DataFreeConfig, budget: float, example: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    teacher = pretrained_fashion_cnn()
+    probe = time.perf_counter()
+    ts.compress(student(), _stage((cfg,), TrainSpec(steps=10)), ts.Context(teacher=teacher, example_inputs=example))
+    per_step = (time.perf_counter() - probe) / 10
+    steps = max(int((budget - (time.perf_counter() - probe)) / per_step), 10)
+    result = ts.compress(student(), _stage((cfg,), TrainSpec(steps=steps)),
+                         ts.Context(teacher=teacher, example_inputs=example))
+    return result.model, {"steps": steps, **result.record.outcomes[-1].stats}
+
+
+def _inversion(budget: float, example: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    teacher, cfg = pretrained_fashion_cnn(), InversionConfig()
+    started = time.perf_counter()
+    synthesize(teacher, example, InversionConfig(samples=cfg.batch_size, batch_size=cfg.batch_size))
+    per_batch = time.perf_counter() - started
+    samples = max(int(0.7 * budget / per_batch), 1) * cfg.batch_size
+    data = synthesize(teacher, example, InversionConfig(samples=samples), seed=0)
+    left = budget - (time.perf_counter() - started)
+    probe = time.perf_counter()  # time distillation steps on the synthetic data
+    recipe = _stage((cfg,), TrainSpec(steps=10))
+    ts.compress(student(), recipe, ts.Context(teacher=teacher, train_data=data))
+    steps = max(int((left - (time.perf_counter() - probe)) / ((time.perf_counter() - probe) / 10)), 10)
+    result = ts.compress(student(), _stage((cfg,), TrainSpec(steps=steps)),
+                         ts.Context(teacher=teacher, train_data=data))
+    return result.model, {"steps": steps, "samples": samples}
+
+
+def run(variant: str, minutes: float, real_epochs: int) -> dict[str, float]:
+    test = fashion_mnist("test")
+    example, budget = test.tensors[0][:1], minutes * 60
+    started = time.perf_counter()
+    extra: dict = {}
+    if variant == "real":
+        spec = TrainSpec(epochs=real_epochs, lr=2e-3, batch_size=128)
+        model = ts.compress(student(), _stage((), spec), ts.Context(train_data=fashion_mnist("train"))).model
+    elif variant == "inversion":
+        model, extra = _inversion(budget, example)
+    else:
+        cfg = {"gan": DataFreeConfig(), "vae": DataFreeConfig(generator="vae"),
+               "adv": DataFreeConfig(adversarial=True)}[variant]
+        model, extra = _datafree(cfg, budget, example)
+    return {"accuracy": accuracy(model, test), "seconds": time.perf_counter() - started, **extra}
+
+
+def _render(state: dict[str, dict], minutes: float, real_epochs: int) -> str:
+    teacher_acc = accuracy(pretrained_fashion_cnn(), fashion_mnist("test"))
+    real = state.get("real", {}).get("accuracy")
+    lines = ["# Data-free distillation: fashion_cnn into a half-width student", "",
+             f"Teacher `fashion_cnn`: test accuracy {teacher_acc:.2%}. Student FashionCNN width 16, hidden 64 "
+             f"({sum(p.numel() for p in student().parameters()):,} params), seeded random init. Data-free rows see "
+             f"zero real training images (Context: teacher + one example input) and get {minutes:g} minutes "
+             "of wall clock each, method defaults otherwise (see the bench's docstring for how the budget is "
+             "spent).", "",
+             "| student training | test accuracy | % of real-data student | seconds | details |", "|---|---|---|---|---|"]
+    for variant, label in LABEL.items():
+        row = state.get(variant)
+        if row is None:
+            continue
+        pct = f"{row['accuracy'] / real:.1%}" if real else "n/a"
+        details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                            if k in ("steps", "samples", "classes_covered", "generator_onehot"))
+        lines.append(f"| {label} | {row['accuracy']:.2%} | {pct} | {row['seconds']:.0f} | {details} |")
+    lines += ["", f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/distill_datafree.py --minutes {minutes:g} "
+              f"--real-epochs {real_epochs}`. Machine: {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} (shared); "
+              f"torch {torch.__version__}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--real-epochs", type=int, default=2)
+    parser.add_argument("--variants", default="real,gan,vae,inversion")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    state = json.loads(STATE.read_text()) if STATE.is_file() else {}
+    for variant in args.variants.split(","):
+        state[variant] = run(variant, args.minutes, args.real_epochs)
+        print(variant, state[variant], flush=True)
+        STATE.write_text(json.dumps(state, indent=1))
+        DOC.write_text(_render(state, args.minutes, args.real_epochs))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Data-free distillation with a generator trained against the teacher (DAFL, DFAD, VAE variant)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.core import Context, MethodConfig, Outcome, Step, TrainedMethod, check, register
+from torchslim.distillation._generators import (
+    LatentGaussian,
+    TeacherTaps,
+    build_generator,
+    check_fit,
+    dafl_losses,
+    input_shape,
+)
+from torchslim.distillation._outputs import frozen_teacher, logits_of
+from torchslim.distillation._preview import save_samples
+from torchslim.distillation.losses import soft_target_loss
+from torchslim.errors import DataError
+
+__all__ = ["DataFreeConfig", "DataFreeDistillation"]
+
+logger = logging.getLogger(__name__)
+_NAME = "distillation.datafree"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataFreeConfig(MethodConfig):
+    """Distil without data: a generator learns inputs the teacher answers confidently.
+
+    Paper: Chen et al., "Data-Free Learning of Student Networks" (DAFL), ICCV 2019,
+    https://arxiv.org/abs/1904.01186; adversarial mode: Fang et al., "Data-Free Adversarial
+    Distillation" (DFAD), 2019, https://arxiv.org/abs/1912.11006
+
+    Args:
+        generator: ``gan`` (DAFL generator fed with z ~ N(0, 1)) or ``vae`` (the same decoder
+            fed from a learned Gaussian latent with a KL prior, see Notes).
+        adversarial: The generator also maximises the teacher-student L1 disagreement of
+            logits on its samples (DFAD).
+        temperature: Soft-target temperature of the student's KL loss (> 0).
+        latent_dim: Size of the noise vector z.
+        batch_size: Samples generated per step (the stage's ``batch_size`` is not used).
+        lr: Learning rate of the generator's own Adam optimizer.
+        activation_weight: Weight of DAFL's activation loss (-mean |penultimate features|).
+        entropy_weight: Weight of DAFL's information-entropy loss (-H of the mean softmax).
+        bn_weight: Weight of the BatchNorm-statistics prior (DeepInversion's), used when the
+            teacher has BatchNorm layers; 0 turns it off (plain DAFL).
+        epoch_steps: Steps that make one epoch of the stage: ``train: {}`` (1 epoch) runs this
+            many; ``train.epochs`` multiplies it and ``train.steps`` replaces it.
+        samples: Synthetic samples written at the end of the stage.
+
+    Recipe:
+        - method: distillation.datafree
+          generator: gan
+          bn_weight: 1.0
+
+    Lifecycle:
+        synthesize: only when the stage has no training data: builds the generator for the
+            shape of ``ctx.example_inputs`` (conv generator for ``(B, C, H, W)``, MLP for
+            ``(B, F)``) and returns an endless stream of ``epoch_steps`` batches per epoch.
+            Each batch first takes one generator step (one-hot + activation + entropy + BN
+            prior [+ KL] [- disagreement]), then yields the same samples, detached, for the
+            student step: generator and student alternate every step.
+        extra_loss: ``T^2 * KL`` between the teacher's and the student's softened outputs
+            (task loss weight 0).
+        on_end: writes ``samples`` generated inputs with the teacher's labels to
+            ``<workdir>/datafree-samples.safetensors`` and a preview grid to
+            ``<workdir>/plots/datafree-samples.png``; keeps them as ``method.samples``
+            (a TensorDataset usable as ``calib_data``).
+        state_dict: generator, latent and their optimizer, checkpointed with the stage.
+
+    Notes:
+        ``vae`` is encoder-free: there are no real images to encode, so it is the decoder
+        half of a VAE. Its latent is ``z = mu + sigma * eps`` with learned per-dimension
+        ``mu`` and ``log sigma`` and the loss adds ``KL(N(mu, sigma^2) || N(0, 1))`` averaged
+        over dimensions (weight 1), on top of the same teacher-derived terms. The teacher must
+        be a classifier with ``(B, classes)`` logits taking float inputs; token inputs cannot be
+        generated. With real training data in the stage the method is plain soft-target
+        distillation. Under DistributedDataParallel each process trains its own generator.
+    """
+
+    name: ClassVar[str] = _NAME
+    generator: Literal["gan", "vae"] = "gan"
+    adversarial: bool = False
+    temperature: float = 4.0
+    latent_dim: int = 64
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    activation_weight: float = 0.1
+    entropy_weight: float = 5.0
+    bn_weight: float = 1.0
+    epoch_steps: int = 500
+    samples: int = 1024
+
+    def __post_init__(self) -> None:
+        check(self.generator in ("gan", "vae"),
+              f"{_NAME}: generator must be gan or vae, got {self.generator!r}")
+        check(self.temperature > 0 and self.lr > 0, f"{_NAME}: temperature and lr must be > 0")
+        check(min(self.latent_dim, self.batch_size, self.epoch_steps, self.samples) >= 1,
+              f"{_NAME}: latent_dim, batch_size, epoch_steps and samples must be >= 1")
+        check(self.batch_size >= 2, f"{_NAME}: batch_size must be >= 2 (the generator has BatchNorm)")
+        check(min(self.activation_weight, self.entropy_weight, self.bn_weight) >= 0,
+              f"{_NAME}: loss weights must be >= 0")
+
+
+class _Stream:
+    """``epoch_steps`` generated batches per pass; each comes right after a generator step."""
+
+    def __init__(self, method: DataFreeDistillation) -> None:
+        self.method = method
+
+    def __len__(self) -> int:
+        return self.method.cfg.epoch_steps
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for _ in range(len(self)):
+            yield self.method.generator_step()
+
+
+@register(DataFreeConfig)
+class DataFreeDistillation(TrainedMethod):
+    """Trains a generator against the teacher and the student on its samples, alternately."""
+
+    needs_teacher = True
+    cfg: DataFreeConfig
+
+    def __init__(self, cfg: DataFreeConfig) -> None:
+        super().__init__(cfg)
+        self.generator: nn.Module | None = None
+        self.latent: LatentGaussian | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._teacher: nn.Module | None = None
+        self._student: nn.Module | None = None
+        self._taps: TeacherTaps | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.samples: torch.utils.data.TensorDataset | None = None
+
+    def synthesize(self, ctx: Context) -> Any:
+        """Build the generator and return the stream of generated batches."""
+        if ctx.teacher is None:
+            raise DataError(f"{_NAME}: data-free training needs a teacher (ctx.teacher or teacher: original)")
+        teacher = ctx.teacher.to(ctx.device).eval().requires_grad_(False)
+        shape = input_shape(ctx.require_example_inputs(_NAME), _NAME)
+        with torch.random.fork_rng(devices=[]):  # seeded; the global RNG is left alone
+            torch.manual_seed(ctx.seed)
+            generator = build_generator(shape, self.cfg.latent_dim).to(ctx.device)
+            latent = (LatentGaussian(self.cfg.latent_dim).to(ctx.device)
+                      if self.cfg.generator == "vae" else None)
+            check_fit(generator, teacher, shape, self.cfg.latent_dim, _NAME)
+        self.attach(generator, teacher, latent)
+        return _Stream(self)
+
+    def attach(self, generator: nn.Module, teacher: nn.Module, latent: LatentGaussian | None = None) -> None:
+        """Use ``generator`` (and ``latent`` for ``vae``) against ``teacher``; creates the optimizer."""
+        self.generator, self.latent, self._teacher = generator, latent, teacher
+        self._taps = TeacherTaps(teacher, with_bn=self.cfg.bn_weight > 0)
+        params = [*generator.parameters(), *(latent.parameters() if latent is not None else ())]
+        self._opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.5, 0.999))
+
+    def on_start(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Check the teacher; with real data, check that its inputs could be generated at all."""
+        self._teacher = frozen_teacher(ctx, model, _NAME)
+        if self.generator is None and ctx.example_inputs is not None:  # real data: same scope as data-free
+            input_shape(ctx.example_inputs, _NAME)
+        self._student = model
+        return model
+
+    def _latent(self, n: int, device: torch.device) -> torch.Tensor:
+        z = torch.randn(n, self.cfg.latent_dim, device=device)  # global RNG: seeded per epoch by the driver
+        return self.latent(z) if self.latent is not None else z
+
+    def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(loss, teacher logits, terms) of generated samples ``x``; gradients reach ``x``."""
+        assert self._teacher is not None and self._taps is not None  # set by attach
+        with self._taps.active() as taps:
+            logits = logits_of(self._teacher(x), _NAME)
+        terms = dafl_losses(logits, taps)
+        c = self.cfg
+        loss = (terms["onehot"] + c.activation_weight * terms["activation"]
+                + c.entropy_weight * terms["entropy"] + c.bn_weight * terms["bn"])
+        if self.latent is not None:
+            terms["kl"] = self.latent.kl() / c.latent_dim
+            loss = loss + terms["kl"]
+        if c.adversarial and self._student is not None:
+            terms["disagreement"] = F.l1_loss(logits_of(self._student(x), _NAME), logits)
+            loss = loss - terms["disagreement"]
+        floats = {k: float(v.detach()) for k, v in terms.items()}
+        return loss, logits, floats | {"total": float(loss.detach())}
+
+    def generator_step(self) -> torch.Tensor:
+        """One Adam step of the generator; returns its samples (detached) for the student."""
+        assert self.generator is not None and self._opt is not None  # set by attach
+        device = next(self.generator.parameters()).device
+        self.generator.train()
+        x = self.generator(self._latent(self.cfg.batch_size, device))
+        loss, logits, terms = self.generator_loss(x)
+        self._opt.zero_grad(set_to_none=True)
+        params = [p for group in self._opt.param_groups for p in group["params"]]
+        loss.backward(inputs=params)  # type: ignore[no-untyped-call]  # the student is left alone
+        self._opt.step()
+        self.history.append(terms)
+        samples: torch.Tensor = x.detach()
+        self._last = (samples, logits.detach())
+        return samples
+
+    def task_weight(self) -> float:
+        return 0.0  # generated samples have no labels; real labels are left to distillation.logits
+
+    def extra_loss(self, step: Step) -> torch.Tensor:
+        """``T^2 * KL(teacher || student)`` on softened logits of this batch."""
+        student = logits_of(step.outputs, _NAME)
+        if self._last is not None and step.inputs is self._last[0]:
+            teacher = self._last[1]  # computed in the generator step, on exactly these samples
+        else:
+            teacher = logits_of(step.teacher_outputs(), _NAME)
+        return soft_target_loss(student, teacher, self.cfg.temperature)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.utils.data.TensorDataset:
+        """``n`` generated inputs with the teacher's predicted classes."""
+        if self.generator is None or self._teacher is None:
+            raise DataError(f"{_NAME}: no generator yet (it is built when a stage runs without "
+                            "training data)")
+        device = next(self.generator.parameters()).device
+        xs, ys = [], []
+        for start in range(0, n, self.cfg.batch_size):
+            x = self.generator(self._latent(max(min(self.cfg.batch_size, n - start), 2), device))
+            xs.append(x[: n - start])
+            ys.append(logits_of(self._teacher(xs[-1]), _NAME).argmax(dim=1))
+        return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+
+    def on_end(self, model: nn.Module, ctx: Context) -> Outcome:
+        """Write the synthetic samples and a preview; report the generator's last losses."""
+        stats: dict[str, float] = {}
+        if self.generator is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.seed)
+                self.samples = self.sample(self.cfg.samples)
+            x, y = self.samples.tensors
+            counts = torch.bincount(y).float()
+            stats["classes_covered"] = float((counts > 0).sum())
+            last = self.history[-20:]
+            for key in last[0] if last else {}:
+                stats[f"generator_{key}"] = sum(h[key] for h in last) / len(last)
+            if ctx.workdir is not None:
+                title = f"{_NAME} ({self.cfg.generator}): samples and teacher classes"
+                save_samples(ctx.workdir, "datafree-samples", x, y, title)
+        self._teacher = self._student = self._taps = self._last = None
+        return Outcome(model=model, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator, the latent and their optimizer (empty before the stream is built)."""
+        if self.generator is None or self._opt is None:
+            return {}
+        state = {"generator": self.generator.state_dict(), "optimizer": self._opt.state_dict()}
+        if self.latent is not None:
+            state["latent"] = self.latent.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the generator from a checkpoint (after ``synthesize`` built it)."""
+        if not state or self.generator is None or self._opt is None:
+            return
+        self.generator.load_state_dict(state["generator"])
+        if self.latent is not None:
+            self.latent.load_state_dict(state["latent"])
+        self._opt.load_state_dict(state["optimizer"])
