@@ -64,16 +64,19 @@ def export_artifact(model: nn.Module, inputs: Any, folder: Path, fmt: str) -> di
     if fmt == "safetensors":
         return {"path": str(folder / "model.safetensors"), "format": fmt}
     info, loaded = _export_file(model, inputs, folder, fmt)
-    timed = loaded if isinstance(loaded, nn.Module) else _Callable(loaded)
+    timed = loaded if fmt == "onnx" else _Callable(loaded)
     info["latency_ms"] = model_latency(timed, inputs)["latency_ms"]
     info.setdefault("format", fmt)
     return info
 
 
 class _Callable(nn.Module):
+    """A loaded artifact behind ``nn.Module`` for timing; not registered as a submodule, since
+    an ExportedProgram's module refuses ``eval()``."""
+
     def __init__(self, fn: Callable[..., Any]) -> None:
         super().__init__()
-        self.fn = fn
+        object.__setattr__(self, "fn", fn)
 
     def forward(self, *inputs: Any) -> Any:
         return self.fn(*inputs)
