@@ -26,6 +26,7 @@ def save_tokenizer(folder: Path, bert: bool = False) -> None:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if bert else ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=specials[1]))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], unk_token=specials[1],
@@ -38,7 +39,7 @@ def llama_folder(folder: Path, *, tokenizer: bool = True, seed: int = 0) -> Path
     transformers = _transformers()
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                                      max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
                                       eos_token_id=3)
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
@@ -51,7 +52,7 @@ def bert_folder(folder: Path, *, sentence: bool = True, seed: int = 0) -> Path:
     """A random 2-layer BertModel (hidden 32), as a sentence-transformers folder when ``sentence``."""
     transformers = _transformers()
     config = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+                                     num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
     torch.manual_seed(seed)
     transformers.BertModel(config).save_pretrained(str(folder))
     save_tokenizer(folder, bert=True)

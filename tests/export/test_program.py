@@ -70,6 +70,8 @@ def test_compare_and_example_inputs() -> None:
         compare(a, a[:2])
     with pytest.raises(ExportError, match="NaN"):
         compare(a, torch.tensor([1.0, float("nan"), 3.0]))
-    x = example_inputs_of({"example_input_shape": [1, 5], "example_input_dtype": "int64"})
-    assert x is not None and x.dtype == torch.int64 and x.shape == (1, 5)
+    assert compare(torch.zeros(3), torch.zeros(3))["cosine"] == 1.0
+    x = example_inputs_of({"example_input_shape": [1, 5]})
+    assert x is not None and x.dtype == torch.float32 and x.shape == (1, 5)
+    assert example_inputs_of({"example_input_shape": [1, 5], "example_input_dtype": "int64"}) is None
     assert example_inputs_of({}) is None

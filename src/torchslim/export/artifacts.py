@@ -22,7 +22,12 @@ ENGINES = {"onnx": "onnxruntime", "torchscript": "torchscript", "torch_export": 
 
 
 def example_inputs_of(environment: dict[str, Any]) -> torch.Tensor | None:
-    """Zeros of the recorded example input shape and dtype (float32 when not recorded)."""
+    """Zeros of the recorded example input shape, for float inputs only.
+
+    None when no shape is recorded or the input is integer (token ids): zeros would be padding
+    tokens, which many language models map to all-zero outputs, so the caller takes real
+    inputs from the data spec instead.
+    """
     shape = environment.get("example_input_shape")
     if not shape:
         return None
@@ -30,7 +35,7 @@ def example_inputs_of(environment: dict[str, Any]) -> torch.Tensor | None:
     if not isinstance(dtype, torch.dtype):
         raise OutputError("record.json: unknown example_input_dtype "
                           f"{environment.get('example_input_dtype')!r}")
-    return torch.zeros(*shape, dtype=dtype)
+    return torch.zeros(*shape, dtype=dtype) if dtype.is_floating_point else None
 
 
 def _export_file(model: nn.Module, inputs: Any, folder: Path,
@@ -64,7 +69,7 @@ def export_artifact(model: nn.Module, inputs: Any, folder: Path, fmt: str) -> di
     if fmt == "safetensors":
         return {"path": str(folder / "model.safetensors"), "format": fmt}
     info, loaded = _export_file(model, inputs, folder, fmt)
-    timed = loaded if fmt == "onnx" else _Callable(loaded)
+    timed = loaded if isinstance(loaded, nn.Module) and fmt == "onnx" else _Callable(loaded)
     info["latency_ms"] = model_latency(timed, inputs)["latency_ms"]
     info.setdefault("format", fmt)
     return info
@@ -74,9 +79,12 @@ class _Callable(nn.Module):
     """A loaded artifact behind ``nn.Module`` for timing; not registered as a submodule, since
     an ExportedProgram's module refuses ``eval()``."""
 
+    fn: Callable[..., Any]
+
     def __init__(self, fn: Callable[..., Any]) -> None:
         super().__init__()
         object.__setattr__(self, "fn", fn)
 
     def forward(self, *inputs: Any) -> Any:
-        return self.fn(*inputs)
+        fn = self.__dict__["fn"]
+        return fn(*inputs)

@@ -62,7 +62,8 @@ def compare(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
     a, b = reference.detach().double().flatten(), output.detach().double().flatten()
     if not torch.isfinite(b).all():
         raise ExportError("the exported model's output holds NaN or inf values")
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.numel() else 1.0
+    same = torch.equal(a, b)  # also all-zero outputs, whose cosine is undefined
+    cosine = 1.0 if same else float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     return {"max_abs_diff": float((a - b).abs().max()) if a.numel() else 0.0, "cosine": cosine}
 
 
