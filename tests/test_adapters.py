@@ -45,10 +45,15 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "slim_user_pkg"
 
 
-@pytest.mark.parametrize("spec", ["fashion_cnn", "timm:resnet18", "hf:some/dir"])
+@pytest.mark.parametrize("spec", ["fashion_cnn", "timm:resnet18", "hub:some/dir"])
 def test_unknown_scheme_lists_the_schemes(spec: str) -> None:
-    with pytest.raises(ModelError, match=r"unknown scheme .*zoo:<name>.*torchvision:<name>.*py:<package"):
+    with pytest.raises(ModelError, match=r"unknown scheme .*zoo:<name>.*torchvision:<name>.*hf:<folder>.*py:<pack"):
         resolve_model(spec)
+
+
+def test_hf_scheme_names_the_missing_folder() -> None:
+    with pytest.raises(ModelError, match=r"'hf:some/dir'.*folder some/dir does not exist"):
+        resolve_model("hf:some/dir")
 
 
 def test_zoo_names_resolve_and_suggest_close_ones() -> None:

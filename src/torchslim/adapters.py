@@ -1,9 +1,11 @@
-"""Model and data specs used by recipes and the CLI: ``zoo:``, ``torchvision:`` and ``py:``.
+"""Model and data specs used by recipes and the CLI: ``zoo:``, ``torchvision:``, ``hf:`` and ``py:``.
 
 ``resolve_model(spec)`` returns the model plus a zero-argument ``build`` that rebuilds the same
 architecture (``ts.load`` uses it before loading compressed weights). ``resolve_data(spec)``
 returns the train/test splits, example inputs, calibration batches and an ``eval_fn``.
-Optional libraries (torchvision, scikit-learn) are imported only when a spec needs them.
+Optional libraries (torchvision, scikit-learn, transformers) are imported only when a spec
+needs them. Text data (``zoo:lee_windows``, ``zoo:lee_similarity``) is tokenized with the
+tokenizer of the ``hf:`` model it is used with, so ``resolve_data`` takes the model spec too.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import dataclasses
 import functools
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from torchslim.core.config import closest
 from torchslim.core.context import Context
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 MODEL_SCHEMES = {
     "zoo": "zoo:<name> (a bundled model, e.g. zoo:fashion_cnn)",
     "torchvision": "torchvision:<name>[?weights=<file>&num_classes=<n>]",
+    "hf": "hf:<folder> (a Hugging Face model folder: config.json, or a single .gguf file)",
     "py": "py:<package.module>:<function> (called with no arguments)",
 }
 QUICK_TRAIN, QUICK_TEST = 5_000, 2_000  # sample counts of the --quick data slices
@@ -52,8 +55,8 @@ def resolve_model(spec: str, *, pretrained: bool = True, quick: bool = False, pr
     """The model named by ``spec`` and a factory rebuilding its architecture.
 
     Args:
-        spec: ``zoo:<name>``, ``torchvision:<name>[?weights=<file>&num_classes=<n>]`` or
-            ``py:<package.module>:<function>``.
+        spec: ``zoo:<name>``, ``torchvision:<name>[?weights=<file>&num_classes=<n>]``,
+            ``hf:<folder>`` (see ``torchslim.hf``) or ``py:<package.module>:<function>``.
         pretrained: Load or train the weights; False returns freshly initialised weights
             (enough when only the architecture is needed).
         quick: For ``zoo:fashion_cnn`` without a cached fully trained model, train a quick
@@ -198,9 +201,16 @@ def _call_factory(spec: str, factory: Callable[[], Any]) -> nn.Module:
     return model
 
 
+def _hf(spec: str, rest: str, opts: _Options) -> tuple[nn.Module, Build]:
+    from torchslim.hf import resolve_hf
+
+    return resolve_hf(spec, rest, pretrained=opts.pretrained, seed=opts.seed)
+
+
 _RESOLVERS: dict[str, Callable[[str, str, _Options], tuple[nn.Module, Build]]] = {
     "zoo": _zoo,
     "torchvision": _torchvision,
+    "hf": _hf,
     "py": _py,
 }
 
@@ -213,17 +223,22 @@ class DataBundle:
         name: The data spec.
         train: Training split, ``(input, label)`` samples.
         test: Test split.
-        example_inputs: One test input as a batch of 1 (latency is measured at batch 1).
-        calib: The first 512 training samples in batches of 64, for calibration.
-        eval_fn: ``model -> {"accuracy": ...}`` on the whole test split.
+        example_inputs: One test input as a batch of 1 (latency is measured at batch 1); a
+            tensor or a tuple of tensors.
+        calib: Calibration batches: the first 512 training samples in batches of 64 (images),
+            or the text set's calibration batches.
+        eval_fn: ``model -> {"accuracy": ...}`` on the whole test split (``perplexity`` or
+            ``lee_pearson``, ... for text).
+        samples_fn: ``model -> {prompt: generated text}`` for causal LMs, else None.
     """
 
     name: str
     train: TensorDataset
     test: TensorDataset
-    example_inputs: torch.Tensor
-    calib: DataLoader[Any]
+    example_inputs: Any
+    calib: Iterable[Any]
     eval_fn: Callable[[nn.Module], dict[str, float]]
+    samples_fn: Callable[[nn.Module], dict[str, str]] | None = None
 
     def context(self, **overrides: Any) -> Context:
         """A ``Context`` filled from this data; keyword arguments set other fields."""
@@ -231,26 +246,48 @@ class DataBundle:
                        train_data=self.train, eval_fn=self.eval_fn, **overrides)
 
 
-def resolve_data(spec: str, *, quick: bool = False) -> DataBundle:
-    """The data named by ``spec``: ``zoo:fashion_mnist`` or ``zoo:digits``.
+def resolve_data(spec: str, *, quick: bool = False, model: str | None = None) -> DataBundle:
+    """The data named by ``spec``: ``zoo:fashion_mnist``, ``zoo:digits``, or text for ``hf:`` models.
+
+    ``zoo:lee_windows`` (causal LMs: perplexity and a sample generation) and
+    ``zoo:lee_similarity`` (sentence encoders: Lee Pearson, WordSim-353, SimLex-999) are
+    tokenized with the tokenizer of the ``model`` folder (see ``torchslim.zoo.text``).
 
     Args:
         spec: The data spec.
-        quick: Keep only the first 5,000 training and 2,000 test samples (smoke runs).
+        quick: Keep only the first 5,000 training and 2,000 test samples (smoke runs), or a
+            few text windows / sentences.
+        model: The model spec the data is used with; required (``hf:<folder>``) for text.
 
     Raises:
-        DataError: unknown scheme or name, or the data set is not installed.
+        DataError: unknown scheme or name, the data set is not installed, or text data
+            without an ``hf:`` model.
     """
     from torchslim.zoo.data import DATASETS, head, load_data, loader, make_eval_fn
+    from torchslim.zoo.text import TEXT_DATASETS
 
+    known = [*DATASETS, *TEXT_DATASETS]
     scheme, sep, name = spec.partition(":")
     if scheme != "zoo" or not sep:
-        raise DataError(f"data spec {spec!r}: expected zoo:<name> with name one of {', '.join(DATASETS)}")
+        raise DataError(f"data spec {spec!r}: expected zoo:<name> with name one of {', '.join(known)}")
+    if name in TEXT_DATASETS:
+        return _text_data(spec, name, quick, model)
     if name not in DATASETS:
-        raise DataError(f"data spec {spec!r}: unknown data set {name!r}{closest(name, DATASETS)}; "
-                        f"known: {', '.join(sorted(DATASETS))}")
+        raise DataError(f"data spec {spec!r}: unknown data set {name!r}{closest(name, known)}; "
+                        f"known: {', '.join(sorted(known))}")
     train = head(load_data(name, "train"), QUICK_TRAIN if quick else None)
     test = head(load_data(name, "test"), QUICK_TEST if quick else None)
     calib = loader(head(train, CALIB_SAMPLES), CALIB_BATCH)
     return DataBundle(name=spec, train=train, test=test, example_inputs=test.tensors[0][:1].clone(),
                       calib=calib, eval_fn=make_eval_fn(test))
+
+
+def _text_data(spec: str, name: str, quick: bool, model: str | None) -> DataBundle:
+    from torchslim.hf import inspect_folder, load_tokenizer
+    from torchslim.zoo.text import TEXT_DATASETS
+
+    if not model or not model.startswith("hf:"):
+        raise DataError(f"data spec {spec!r} is tokenized with the model's own tokenizer: expected an "
+                        f"hf:<folder> model, found {model!r}")
+    tokenizer = load_tokenizer(inspect_folder(model, model[len("hf:"):]))
+    return DataBundle(name=spec, **TEXT_DATASETS[name](tokenizer, quick))

@@ -21,11 +21,11 @@ from torch import nn
 from torchslim.core import Context
 from torchslim.errors import ModelError, OutputError
 from torchslim.recipes import Recipe, load_recipe
-from torchslim.report.record import DeploymentRow, RunRecord
+from torchslim.report.record import DeploymentRow, RunRecord, SampleRow
 from torchslim.runner import Result, compress
 from torchslim.train import distributed
 
-__all__ = ["check_out_dir", "deploy_rows", "is_run_folder", "launch", "run_job"]
+__all__ = ["check_out_dir", "deploy_rows", "export_run", "is_run_folder", "launch", "run_job"]
 
 logger = logging.getLogger(__name__)
 _OURS = ("record.json", "structure.json", "checkpoints")
@@ -76,7 +76,7 @@ def run_job(
     if recipe.data is None:
         raise ModelError("no data: the recipe has no 'data:' entry (e.g. data: zoo:fashion_mnist)")
     check_out_dir(out, resume=resume, overwrite=overwrite)
-    data = resolve_data(recipe.data, quick=quick)
+    data = resolve_data(recipe.data, quick=quick, model=spec)
     model, build = resolve_model(spec, quick=quick, progress=progress)
     recipe = dataclasses.replace(recipe, model=spec)
     distributed.barrier()  # every process has checked its inputs before anything is written
@@ -88,8 +88,12 @@ def run_job(
     ctx = Context(example_inputs=data.example_inputs, calib_data=data.calib, train_data=data.train,
                   eval_fn=data.eval_fn, workdir=out / "checkpoints", progress=progress)
     original = copy.deepcopy(model).eval()
+    before = data.samples_fn(original) if data.samples_fn and distributed.is_main() else {}
     result = compress(model, recipe, ctx, resume=resume)
     if distributed.is_main():
+        if data.samples_fn is not None:
+            after = data.samples_fn(result.model)
+            result.record.samples.extend(SampleRow(p, before[p], after.get(p, "")) for p in before)
         _finish(result, original, ctx, recipe, out)
     distributed.barrier()
     return result.record
@@ -139,6 +143,11 @@ def _finish(result: Result, original: nn.Module, ctx: Context, recipe: Recipe, o
     from torchslim.report.jsonio import write_report
 
     save(result, out, overwrite=True)
+    if recipe.model and recipe.model.startswith("hf:"):  # config and tokenizer beside the weights
+        from torchslim.hf import copy_assets, inspect_folder
+
+        copied = copy_assets(inspect_folder(recipe.model, recipe.model[3:]), out)
+        logger.info("copied %s into %s", ", ".join(copied) or "nothing", out)
     if "onnx" in recipe.export:
         result.record.deployments.extend(deploy_rows(original, result.model, ctx, out))
     _keep_samples(ctx.workdir, out)
@@ -189,3 +198,44 @@ def _row(name: str, engine: str, model: nn.Module, timing: dict[str, float], ctx
         with torch.inference_mode():
             values.update(ctx.eval_fn(model))
     return DeploymentRow(name=name, engine=engine, values=values, note=note)
+
+
+def export_run(folder: Path, fmt: str, model_spec: str | None = None) -> dict[str, Any]:
+    """Rebuild a finished run's model, export it as ``fmt`` into ``folder`` and record the check.
+
+    The check (max abs diff, cosine, latency of the reloaded artifact) becomes a deployment
+    row of ``record.json`` (replacing an earlier export in the same format) and the report is
+    written again. Example inputs are zeros of the recorded shape and dtype, or, for models
+    taking several inputs, the data spec's example inputs.
+
+    Raises:
+        ModelError: no model spec in the record and none given.
+        ExportError: the export fails or disagrees with PyTorch.
+    """
+    from torchslim.adapters import resolve_data, resolve_model
+    from torchslim.export import load
+    from torchslim.export.artifacts import ENGINES, example_inputs_of, export_artifact
+    from torchslim.report.jsonio import read_record, write_report
+
+    record = read_record(folder)
+    spec = model_spec or record.recipe.get("model")
+    if not spec:
+        raise ModelError(f"{folder}/record.json names no model; pass --model")
+    _, build = resolve_model(spec, pretrained=False)
+    model = load(folder, build)
+    inputs = example_inputs_of(record.environment)
+    if inputs is None and fmt != "safetensors":
+        if not record.recipe.get("data"):
+            raise OutputError(f"{folder}/record.json has no example input shape or data spec to export with")
+        inputs = resolve_data(record.recipe["data"], quick=True, model=spec).example_inputs
+    info = export_artifact(model, inputs, folder, fmt)
+    if fmt == "safetensors":
+        return info
+    name = f"exported {fmt}"
+    record.deployments = [row for row in record.deployments if row.name != name]
+    values = {key: float(info[key]) for key in ("latency_ms", "max_abs_diff", "cosine")}
+    note = (f"reloaded {Path(info['path']).name}: max |diff| vs PyTorch {info['max_abs_diff']:.2e}, "
+            f"cosine {info['cosine']:.6f}")
+    record.deployments.append(DeploymentRow(name=name, engine=ENGINES[fmt], values=values, note=note))
+    write_report(record, folder)
+    return info

@@ -53,6 +53,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, ctx: Context, *, res
         shape = getattr(ctx.example_inputs, "shape", None)
         if shape is not None:
             record.environment["example_input_shape"] = list(shape)
+            record.environment["example_input_dtype"] = str(ctx.example_inputs.dtype).removeprefix("torch.")
         record.metrics.append(MetricsRow("before", measure_all(model, ctx, recipe.measure)))
     for index, stage in enumerate(recipe.stages):
         if index < record.completed_stages:

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace a non-torchslim folder")
     comp = sub.add_parser("compress", help="run a recipe (a YAML file or builtin:<name>)")
     comp.add_argument("recipe")
-    comp.add_argument("--model", help="model spec, overrides the recipe's (zoo:, torchvision:, py:)")
+    comp.add_argument("--model", help="model spec, overrides the recipe's (zoo:, torchvision:, hf:, py:)")
     comp.add_argument("--out", default="runs/compress", help="output folder")
     comp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-torchslim folder")
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir")
     export = sub.add_parser("export", help="export a finished run's model")
     export.add_argument("dir")
-    export.add_argument("--format", choices=("onnx", "safetensors"), default="onnx")
+    export.add_argument("--format", choices=("onnx", "torchscript", "torch_export", "safetensors"),
+                        default="onnx", help="every format but safetensors is reloaded and checked")
     export.add_argument("--model", help="model spec to rebuild the base (default: the recipe's)")
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (writes docs/benchmarks/)")
     bench.add_argument("name", nargs="?", help="benchmark name; omit to list them")

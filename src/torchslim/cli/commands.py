@@ -8,7 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from torchslim.errors import ConfigError, ModelError, OutputError
+from torchslim.errors import ConfigError, OutputError
 
 __all__ = ["dispatch"]
 
@@ -97,28 +97,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from torchslim.adapters import resolve_model
-    from torchslim.export import load
-    from torchslim.report.jsonio import read_record
+    from torchslim.job import export_run
 
-    folder = Path(args.dir)
-    record = read_record(folder)
-    spec = args.model or record.recipe.get("model")
-    if not spec:
-        raise ModelError(f"{folder}/record.json names no model; pass --model")
-    _, build = resolve_model(spec, pretrained=False)
-    model = load(folder, build)
-    if args.format == "safetensors":
-        print(folder / "model.safetensors")
-        return 0
-    from torchslim.export.onnx import export_onnx
-
-    inputs = record.environment.get("example_input_shape")
-    if not inputs:
-        raise OutputError(f"{folder}/record.json has no example input shape to export with")
-    import torch
-
-    info = export_onnx(model, torch.zeros(*inputs), folder / "model.onnx")
+    info = export_run(Path(args.dir), args.format, args.model)
+    if "cosine" in info:
+        print(f"verified {info['path']}: reloaded and compared with PyTorch: max |diff| "
+              f"{info['max_abs_diff']:.3e}, cosine {info['cosine']:.6f}, latency {info['latency_ms']:.2f} ms")
     print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
     return 0
 

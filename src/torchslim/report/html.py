@@ -99,6 +99,11 @@ def render_html(record: RunRecord, plots: dict[str, bytes]) -> str:
     deployments = _format.deployment_table(record)
     if deployments is not None:
         parts += ["<h2>Deployment</h2>", _table(deployments)]
+    parts += ["<h2>Samples</h2>"] if record.samples else []
+    for sample in record.samples:
+        parts += [f"<p>Prompt: <q>{escape(sample.prompt)}</q></p>",
+                  f"<ul><li>before: <q>{escape(sample.before)}</q></li>"
+                  f"<li>after: <q>{escape(sample.after)}</q></li></ul>"]
     parts += _outcomes(record)
     if plots:
         parts += ["<h2>Plots</h2>", *_figures(plots)]

@@ -89,6 +89,8 @@ def _check(record: RunRecord, path: Path) -> None:
     ]
     expect += [(f"metrics[{i}].values", m.values, dict) for i, m in enumerate(record.metrics)]
     expect += [(f"deployments[{i}].values", d.values, dict) for i, d in enumerate(record.deployments)]
+    expect += [(f"samples[{i}].{k}", getattr(s, k), str) for i, s in enumerate(record.samples)
+               for k in ("prompt", "before", "after")]
     for i, o in enumerate(record.outcomes):
         expect += [(f"outcomes[{i}].stats", o.stats, dict), (f"outcomes[{i}].layers", o.layers, dict),
                    (f"outcomes[{i}].touched", o.touched, list), (f"outcomes[{i}].seconds", o.seconds,

@@ -47,6 +47,10 @@ def render_markdown(record: RunRecord) -> str:
     deployments = _format.deployment_table(record)
     if deployments is not None:
         lines += ["## Deployment", "", *_table(deployments), ""]
+    lines += ["## Samples", ""] if record.samples else []
+    for sample in record.samples:
+        lines += [f"Prompt: {sample.prompt!r}", "",
+                  f"- before: {sample.before!r}", f"- after: {sample.after!r}", ""]
     outcomes = _format.outcome_lines(record)
     if outcomes:
         lines += ["## Methods", ""]

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-__all__ = ["DeploymentRow", "MetricsRow", "OutcomeRow", "RunRecord"]
+__all__ = ["DeploymentRow", "MetricsRow", "OutcomeRow", "RunRecord", "SampleRow"]
 
 
 @dataclasses.dataclass
@@ -42,8 +42,20 @@ class DeploymentRow:
 
 
 @dataclasses.dataclass
+class SampleRow:
+    """A model's output for one fixed input, before and after compression (e.g. a generation)."""
+
+    prompt: str
+    before: str
+    after: str
+
+
+@dataclasses.dataclass
 class RunRecord:
-    """Resolved recipe, environment, metrics per stage, method outcomes and deployments."""
+    """Resolved recipe, environment, metrics per stage, method outcomes, deployments and samples.
+
+    ``samples`` is optional: records written before it existed read back with none.
+    """
 
     recipe: dict[str, Any]
     environment: dict[str, Any]
@@ -52,6 +64,7 @@ class RunRecord:
     deployments: list[DeploymentRow] = dataclasses.field(default_factory=list)
     structure: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     completed_stages: int = 0
+    samples: list[SampleRow] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready)."""
@@ -72,6 +85,7 @@ class RunRecord:
             deployments=[DeploymentRow(**d) for d in raw.get("deployments", [])],
             structure=raw.get("structure", {}),
             completed_stages=raw.get("completed_stages", 0),
+            samples=[SampleRow(**s) for s in raw.get("samples", [])],
         )
 
     def before(self) -> dict[str, float]:
