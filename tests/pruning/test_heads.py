@@ -132,7 +132,7 @@ def test_mha_shrinks_to_a_pruned_module_that_matches_multihead_attention_calls()
         assert _params(pruned) < _params(mha)
 
 
-def test_global_scope_ranks_across_layers_and_keeps_a_head_per_layer(caplog: pytest.LogCaptureFixture) -> None:
+def test_global_scope_ranks_across_layers_and_keeps_a_head_per_layer() -> None:
     model, x = tiny_bert(), torch.randint(0, 100, (2, 5))
     with torch.no_grad():  # layer 0's heads all tiny: a global ranking takes them first
         for lin in (model.encoder.layer[0].attention.self.query, model.encoder.layer[0].attention.output.dense):
@@ -143,6 +143,23 @@ def test_global_scope_ranks_across_layers_and_keeps_a_head_per_layer(caplog: pyt
     result = _prune(model, cfg, ts.Context(example_inputs=x))
     assert result.model.encoder.layer[0].attention.self.num_attention_heads == 1
     assert result.model.encoder.layer[1].attention.self.all_head_size == 24
+
+
+def test_targets_limit_the_layers_and_a_second_cut_indexes_the_original_heads() -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(TinyLM(), TinyLM().attn).eval()  # "0.attn" and an unused "1"
+    x = torch.randint(0, 50, (2, 5))
+    model = ts.apply(copy.deepcopy(original), HeadPruningConfig(ratio=0.25, targets=("0",)), ts.Context()).model
+    first = model.get_submodule("0.attn")
+    assert isinstance(first, PrunedMultiheadAttention) and first.num_heads == 3
+    assert isinstance(model.get_submodule("1"), nn.MultiheadAttention)
+    model = ts.apply(model, HeadPruningConfig(ratio=0.5, ignore=("1",)), ts.Context()).model
+    second = model.get_submodule("0.attn")
+    assert len(second.kept_heads) == 1 and set(second.kept_heads) < set(first.kept_heads)
+    with torch.no_grad():
+        for h in set(range(4)) - set(second.kept_heads):
+            original.get_submodule("0.attn").out_proj.weight[:, h * 8:(h + 1) * 8] = 0
+        torch.testing.assert_close(model[0](x), original[0](x), atol=1e-5, rtol=1e-5)
 
 
 def test_layer_ratio_rounding_to_every_head_keeps_one_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
