@@ -220,6 +220,8 @@ def _qkvo(fqn: str, names: Sequence[str], head_dim: int, group: int) -> tuple[Pa
 
 
 def _mha_site(fqn: str, m: nn.MultiheadAttention) -> HeadSite | str:
+    if not fqn:  # it is swapped for another class, which structure.json cannot do to the root
+        return "the model itself (a bare nn.MultiheadAttention: wrap it in a module to prune its heads)"
     if m.bias_k is not None or m.add_zero_attn:
         return f"{fqn} (add_bias_kv / add_zero_attn are not supported)"
     d, e = m.head_dim, m.embed_dim
