@@ -54,12 +54,12 @@ def main() -> None:
             started = time.perf_counter()
             out = ts.apply(model, cfg, ts.Context(calib_data=calib))
             seconds = time.perf_counter() - started
-            model = out.model.eval()
+            model, stats = out.model.eval(), out.record.outcomes[0].stats
             name = f"{ratio:.0%} {importance} {scope}"
             rows[name] = {**minilm.evaluate_minilm(model, tok), "mr_cosine": minilm.mr_fidelity(model, tok, reference),
                           "speedup": minilm.encode_speedup(original, model, tok), "seconds": seconds,
                           "params": sum(p.numel() for p in model.parameters()),
-                          "heads": int(out.stats["heads"] - out.stats["heads_removed"])}
+                          "heads": int(stats["heads"] - stats["heads_removed"])}
             print(name, rows[name], flush=True)
     lines = [START, "## all-MiniLM-L6-v2: attention heads removed, no fine-tuning", "",
              f"6 layers x 12 heads of 32 (hidden 384); {params:,} parameters before. `layer` removes the "
