@@ -22,6 +22,8 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     **{("distillation.inversion", name): UnsupportedModuleError for name in ("mlp", "lm")},
     # no stack of same-class blocks and no identity-shortcut residual block to remove
     **{("pruning.layers", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
+    # no attention module whose heads could be removed
+    **{("pruning.heads", name): UnsupportedModuleError for name in ("mlp", "cnn")},
     # codes the indices of sharing.kmeans layers; a model without any must say so
     **{("sharing.huffman", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # one set of weights for a stack of same-class layers; none of the tiny models has such a stack

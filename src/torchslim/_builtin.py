@@ -11,6 +11,7 @@ from torchslim.lowrank import drone as _drone  # noqa: F401
 from torchslim.lowrank import svd as _svd  # noqa: F401
 from torchslim.pruning import channel as _channel  # noqa: F401
 from torchslim.pruning import gradual as _gradual  # noqa: F401
+from torchslim.pruning import heads as _heads  # noqa: F401
 from torchslim.pruning import layers as _layers  # noqa: F401
 from torchslim.pruning import magnitude as _magnitude  # noqa: F401
 from torchslim.pruning import nm as _nm  # noqa: F401

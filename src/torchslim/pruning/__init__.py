@@ -2,6 +2,7 @@
 
 from torchslim.pruning.channel import ChannelPruningConfig
 from torchslim.pruning.gradual import GradualPruningConfig
+from torchslim.pruning.heads import HeadPruningConfig
 from torchslim.pruning.layers import LayerPruningConfig
 from torchslim.pruning.magnitude import MagnitudePruningConfig
 from torchslim.pruning.nm import NMPruningConfig
@@ -12,6 +13,7 @@ from torchslim.pruning.wanda import WandaPruningConfig
 __all__ = [
     "ChannelPruningConfig",
     "GradualPruningConfig",
+    "HeadPruningConfig",
     "LayerPruningConfig",
     "MagnitudePruningConfig",
     "NMPruningConfig",
