@@ -47,8 +47,8 @@ class SeparableConfig(MethodConfig):
         when ``m >= min(out, K*K)`` and otherwise the closest kernel of this form channel by
         channel (Eckart-Young), but a standard conv is rarely near it: at ``m = 1`` this
         initialisation loses accuracy, often most of it. It is meant to be followed by
-        training in the same or the next stage (a ``train`` block fine-tunes; with
-        ``distillation.logits`` and the original as teacher it recovers more). Only plain
+        training in the same or the next stage: a ``train`` block fine-tunes, and
+        ``distillation.logits`` in it distils from the original as teacher. Only plain
         convolutions with ``groups=1`` and a kernel larger than 1x1 are replaced, and only
         where ``in * m * (K^2 + out)`` multiply-adds per output pixel are fewer than
         ``in * out * K^2``; others are logged and left alone. The result is a smaller dense
