@@ -20,6 +20,9 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     ("distillation.datafree", "lm"): UnsupportedModuleError,
     # inversion matches the teacher's BatchNorm statistics; these teachers have none
     **{("distillation.inversion", name): UnsupportedModuleError for name in ("mlp", "lm")},
+    # Tucker-2 and depthwise-separable factorisation need KxK Conv2d layers; these models have none
+    **{(key, name): UnsupportedModuleError for key in ("lowrank.separable", "lowrank.tucker")
+       for name in ("mlp", "lm")},
     # no stack of same-class blocks and no identity-shortcut residual block to remove
     **{("pruning.layers", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # no attention module whose heads could be removed

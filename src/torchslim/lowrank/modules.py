@@ -1,4 +1,4 @@
-"""The factorised layer that ``lowrank`` methods put in place of a Linear."""
+"""The factorised layers that ``lowrank`` methods put in place of a Linear or a Conv2d."""
 
 from __future__ import annotations
 
@@ -9,7 +9,19 @@ from torch import nn
 
 from torchslim.core.structure import rebuildable
 
-__all__ = ["LowRankLinear"]
+__all__ = ["LowRankLinear", "SeparableConv2d", "TuckerConv2d"]
+
+_Pair = int | tuple[int, int]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as ``structure.json`` stores them."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """Kernel size, stride, padding and dilation of ``conv`` as plain data."""
+    return {k: _plain(getattr(conv, k)) for k in ("kernel_size", "stride", "padding", "dilation")}
 
 
 @rebuildable
@@ -53,3 +65,137 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}"
+
+
+@rebuildable
+class TuckerConv2d(nn.Module):
+    """``last(core(first(x)))``: Tucker-2 Conv2d, 1x1 ``in -> rank_in``, KxK, 1x1 ``rank_out -> out``.
+
+    The KxK ``core`` keeps the original stride, padding and dilation; ``last`` carries the bias.
+    Per output pixel it costs about ``in * rank_in + rank_in * rank_out * K^2 + rank_out * out``
+    multiply-adds instead of ``in * out * K^2``, with ordinary dense convolutions.
+
+    Attributes:
+        first: ``nn.Conv2d(in_channels, rank_in, 1, bias=False)``.
+        core: ``nn.Conv2d(rank_in, rank_out, kernel_size, stride, padding, dilation, bias=False)``.
+        last: ``nn.Conv2d(rank_out, out_channels, 1)`` carrying the original bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, rank_in: int, rank_out: int,
+                 stride: _Pair = 1, padding: _Pair | str = 0, dilation: _Pair = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.rank_in, self.rank_out = rank_in, rank_out
+        self.first = nn.Conv2d(in_channels, rank_in, 1, bias=False)
+        self.core = nn.Conv2d(rank_in, rank_out, kernel_size, stride, padding, dilation, bias=False)
+        self.last = nn.Conv2d(rank_out, out_channels, 1, bias=bias)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, u_in: torch.Tensor, core: torch.Tensor,
+                     u_out: torch.Tensor) -> TuckerConv2d:
+        """``W = core x_0 u_out x_1 u_in``.
+
+        Shapes: ``u_in`` (in, rank_in), ``core`` (rank_out, rank_in, kh, kw), ``u_out`` (out, rank_out).
+        """
+        layer = cls(conv.in_channels, conv.out_channels, rank_in=u_in.shape[1], rank_out=u_out.shape[1],
+                    bias=conv.bias is not None, **_geometry(conv))
+        layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.first.weight.copy_(u_in.T[:, :, None, None])
+            layer.core.weight.copy_(core)
+            layer.last.weight.copy_(u_out[:, :, None, None])
+            if conv.bias is not None:
+                assert layer.last.bias is not None
+                layer.last.bias.copy_(conv.bias)
+        return layer.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.last(self.core(self.first(x)))
+        return out
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """The dense Conv2d this layer computes (for export targets or inspection)."""
+        c = self.core
+        dense = nn.Conv2d(self.in_channels, self.out_channels, bias=self.last.bias is not None,
+                          device=c.weight.device, dtype=c.weight.dtype, **_geometry(c))
+        dense.weight.copy_(torch.einsum("or,rshw,si->oihw", self.last.weight[:, :, 0, 0], c.weight,
+                                        self.first.weight[:, :, 0, 0]))
+        if self.last.bias is not None:
+            dense.bias.copy_(self.last.bias)  # type: ignore[union-attr]
+        return dense
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, **_geometry(self.core),
+                "rank_in": self.rank_in, "rank_out": self.rank_out, "bias": self.last.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, rank_in={self.rank_in}, rank_out={self.rank_out}, "
+                f"out_channels={self.out_channels}")
+
+
+@rebuildable
+class SeparableConv2d(nn.Module):
+    """``pointwise(depthwise(x))``: a KxK Conv2d as a depthwise KxK (``in -> in * m``) and a 1x1 (``-> out``).
+
+    Depthwise output channel ``c * m + j`` filters input channel ``c`` (PyTorch's grouped
+    layout). Per output pixel it costs ``in * m * (K^2 + out)`` multiply-adds instead of
+    ``in * out * K^2``.
+
+    Attributes:
+        depthwise: ``nn.Conv2d(in, in * m, kernel_size, stride, padding, dilation, groups=in, bias=False)``.
+        pointwise: ``nn.Conv2d(in * m, out_channels, 1)`` carrying the original bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, depth_multiplier: int = 1,
+                 stride: _Pair = 1, padding: _Pair | str = 0, dilation: _Pair = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.depth_multiplier = depth_multiplier
+        mid = in_channels * depth_multiplier
+        self.depthwise = nn.Conv2d(in_channels, mid, kernel_size, stride, padding, dilation,
+                                   groups=in_channels, bias=False)
+        self.pointwise = nn.Conv2d(mid, out_channels, 1, bias=bias)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, depthwise: torch.Tensor,
+                     pointwise: torch.Tensor) -> SeparableConv2d:
+        """``depthwise`` (in * m, 1, kh, kw) and ``pointwise`` (out, in * m) in the layout above."""
+        multiplier = depthwise.shape[0] // conv.in_channels
+        layer = cls(conv.in_channels, conv.out_channels, depth_multiplier=multiplier,
+                    bias=conv.bias is not None, **_geometry(conv))
+        layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.depthwise.weight.copy_(depthwise)
+            layer.pointwise.weight.copy_(pointwise[:, :, None, None])
+            if conv.bias is not None:
+                assert layer.pointwise.bias is not None
+                layer.pointwise.bias.copy_(conv.bias)
+        return layer.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.pointwise(self.depthwise(x))
+        return out
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """The dense Conv2d this layer computes: ``W[o, c] = sum_j P[o, c*m+j] D[c*m+j]``."""
+        d, m = self.depthwise, self.depth_multiplier
+        kh, kw = d.kernel_size
+        dense = nn.Conv2d(self.in_channels, self.out_channels, bias=self.pointwise.bias is not None,
+                          device=d.weight.device, dtype=d.weight.dtype, **_geometry(d))
+        filters = d.weight.reshape(self.in_channels, m, kh * kw)
+        mixing = self.pointwise.weight.reshape(self.out_channels, self.in_channels, m)
+        dense.weight.copy_(torch.einsum("ocj,cjk->ock", mixing, filters).reshape(dense.weight.shape))
+        if self.pointwise.bias is not None:
+            dense.bias.copy_(self.pointwise.bias)  # type: ignore[union-attr]
+        return dense
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                **_geometry(self.depthwise), "depth_multiplier": self.depth_multiplier,
+                "bias": self.pointwise.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, depth_multiplier={self.depth_multiplier}, "
+                f"out_channels={self.out_channels}")
