@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -164,6 +164,21 @@ def model_call(model: nn.Module, batch: Any) -> Call:
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     return args, kwargs
+
+
+def run_batches(model: nn.Module, batches: Iterable[Any]) -> None:
+    """Call ``model`` on every batch (see ``model_call``) in eval mode, then restore its mode.
+
+    The way calibration passes drive a model whose layers carry observing hooks.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            args, kwargs = model_call(model, batch)
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
 
 
 def layerwise(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from torchslim.core import Context, HookSet, MethodConfig, Outcome, calibration_inputs, check, register
-from torchslim.core.layerwise import model_call
+from torchslim.core.layerwise import run_batches
 from torchslim.errors import DataError
 from torchslim.lowrank._factor import check_rank, factorisable, factorise, rank_of
 
@@ -81,17 +81,10 @@ def input_covariances(model: nn.Module, layers: dict[str, nn.Linear],
             counts[fqn] = counts.get(fqn, 0) + x.shape[0]
         return hook
 
-    was_training = model.training
-    model.eval()
-    try:
-        with HookSet() as hooks:
-            for fqn, layer in layers.items():
-                hooks.forward_pre(layer, record(fqn))
-            for batch in inputs:
-                args, kwargs = model_call(model, batch)
-                model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with HookSet() as hooks:
+        for fqn, layer in layers.items():
+            hooks.forward_pre(layer, record(fqn))
+        run_batches(model, inputs)
     return {fqn: sums[fqn] / counts[fqn] for fqn in sums}
 
 

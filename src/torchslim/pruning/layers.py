@@ -19,7 +19,7 @@ from torchslim.core import (
     register,
     structure,
 )
-from torchslim.core.layerwise import find_blocks, model_call
+from torchslim.core.layerwise import find_blocks, run_batches
 from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
 
 __all__ = ["LayerPruningConfig", "apply", "block_influence", "removable_blocks"]
@@ -114,17 +114,10 @@ def block_influence(model: nn.Module, blocks: dict[str, nn.Module], batches: lis
                 counts[fqn] += cos.numel()
         return record
 
-    was_training = model.training
-    model.eval()
-    try:
-        with HookSet() as hooks:
-            for fqn, block in blocks.items():
-                hooks.forward(block, hook(fqn))
-            for batch in batches:
-                args, kwargs = model_call(model, batch)
-                model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with HookSet() as hooks:
+        for fqn, block in blocks.items():
+            hooks.forward(block, hook(fqn))
+        run_batches(model, batches)
     return {f: sums[f] / counts[f] for f in blocks if counts[f]}
 
 

@@ -20,7 +20,7 @@ from torchslim.core import (
     select,
     surgery,
 )
-from torchslim.core.layerwise import model_call
+from torchslim.core.layerwise import run_batches
 from torchslim.errors import UnsupportedModuleError
 from torchslim.quantization.fixed import FixedPointConv2d, FixedPointLinear, frac_bits_for
 
@@ -101,17 +101,10 @@ def calibrate_ranges(model: nn.Module, layers: dict[str, nn.Module],
             seen[1] = max(seen[1], float(output.detach().abs().max()))
         return record
 
-    was_training = model.training
-    model.eval()
-    try:
-        with HookSet() as hooks:
-            for fqn, module in layers.items():
-                hooks.forward(module, hook(fqn))
-            for batch in inputs:
-                args, kwargs = model_call(model, batch)
-                model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with HookSet() as hooks:
+        for fqn, module in layers.items():
+            hooks.forward(module, hook(fqn))
+        run_batches(model, inputs)
     return ranges
 
 
