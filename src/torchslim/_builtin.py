@@ -8,6 +8,7 @@ from torchslim.distillation import logits as _logits  # noqa: F401
 from torchslim.distillation import relational as _relational  # noqa: F401
 from torchslim.lowrank import drone as _drone  # noqa: F401
 from torchslim.lowrank import svd as _svd  # noqa: F401
+from torchslim.nas import search as _search  # noqa: F401
 from torchslim.pruning import channel as _channel  # noqa: F401
 from torchslim.pruning import gradual as _gradual  # noqa: F401
 from torchslim.pruning import layers as _layers  # noqa: F401
