@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ def open_storage(url: str | None, workdir: Path | None) -> Any:
     sqlite = url.startswith("sqlite")
     connect = {"timeout": 60} if sqlite else {"connect_timeout": 10}  # lock wait / TCP connect
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
-                                          heartbeat_interval=None if sqlite else 30,
-                                          grace_period=None if sqlite else 120)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4-5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
+                                              heartbeat_interval=None if sqlite else 30,
+                                              grace_period=None if sqlite else 120)
     except Exception as exc:  # noqa: BLE001 -- sqlalchemy, driver and OS errors all mean "cannot open"
         raise ConfigError(f"nas.search.storage: cannot open the Optuna storage {_redacted(url)!r}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
