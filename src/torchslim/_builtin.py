@@ -18,10 +18,10 @@ from torchslim.pruning import snip as _snip  # noqa: F401
 from torchslim.pruning import sparsegpt as _sparsegpt  # noqa: F401
 from torchslim.pruning import wanda as _wanda  # noqa: F401
 from torchslim.quantization import awq as _awq  # noqa: F401
-from torchslim.quantization import ptq as _ptq  # noqa: F401
-from torchslim.quantization import qat as _qat  # noqa: F401
 from torchslim.quantization import dynamic as _dynamic  # noqa: F401
 from torchslim.quantization import gptq as _gptq  # noqa: F401
+from torchslim.quantization import ptq as _ptq  # noqa: F401
+from torchslim.quantization import qat as _qat  # noqa: F401
 from torchslim.quantization import weight_only as _weight_only  # noqa: F401
 from torchslim.sharing import cross_layer as _cross_layer  # noqa: F401
 from torchslim.sharing import embedding as _embedding  # noqa: F401

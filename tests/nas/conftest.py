@@ -11,6 +11,7 @@ import torchslim as ts
 from torchslim.zoo import digits
 from torchslim.zoo.data import head, make_eval_fn
 
+
 @pytest.fixture(scope="session")
 def digits_data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
     return head(digits("train"), 256), head(digits("test"), 200)

@@ -10,13 +10,14 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torchslim.errors import ConfigError
 
 __all__ = ["dominates", "make_sampler", "open_storage", "pareto_front", "plot_front", "table"]
 
-DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "flops": "minimize", "params": "minimize"}
+DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {
+    "accuracy": "maximize", "latency": "minimize", "flops": "minimize", "params": "minimize"}
 METRIC = {"accuracy": "accuracy", "latency": "latency_ms", "flops": "flops", "params": "params"}
 
 
@@ -134,7 +135,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         arch = r["arch"]
         lines.append(f"| {r['trial']} | {arch['widths']} | {arch['depths']} | {arch['kernels']} | "
-                     f"{r['accuracy']:.4f} | {r['latency_ms']:.3f} | {r['flops'] / 1e6:.2f} | {r['params']:,} |")
+                     f"{r['accuracy']:.4f} | {r['latency_ms']:.3f} | {r['flops'] / 1e6:.2f} | "
+                     f"{r['params']:,} |")
     return "\n".join(lines)
 
 

@@ -141,7 +141,8 @@ def _ranks(values: Sequence[float]) -> list[float]:
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Spearman rank correlation of two equally long sequences (ties get average ranks)."""
     if len(xs) != len(ys) or len(xs) < 2:
-        raise ConfigError(f"spearman: expected two sequences of equal length >= 2, found {len(xs)} and {len(ys)}")
+        raise ConfigError(f"spearman: expected two sequences of equal length >= 2, found {len(xs)} "
+                          f"and {len(ys)}")
     rx, ry = torch.tensor(_ranks(xs)), torch.tensor(_ranks(ys))
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = float((rx.square().sum() * ry.square().sum()).sqrt())

@@ -91,7 +91,8 @@ class NASSearchConfig(MethodConfig):
         check(isinstance(self.space, CNNSpace), f"{_NAME}: space must be a CNNSpace or a mapping of its "
               f"fields, found {type(self.space).__name__}")
         check(self.trials >= 1, f"{_NAME}: trials must be >= 1, found {self.trials}")
-        check(self.epochs_per_trial >= 1, f"{_NAME}: epochs_per_trial must be >= 1, found {self.epochs_per_trial}")
+        check(self.epochs_per_trial >= 1,
+              f"{_NAME}: epochs_per_trial must be >= 1, found {self.epochs_per_trial}")
         objectives = list(self.objectives)
         check("accuracy" in objectives and len(set(objectives)) == len(objectives),
               f"{_NAME}: objectives must include 'accuracy' and name each objective once, found {objectives}")
@@ -137,7 +138,8 @@ class SearchResult:
     models: dict[int, nn.Module]
 
 
-def evaluate(arch: CNNArch, cfg: NASSearchConfig, ctx: Context, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def evaluate(arch: CNNArch, cfg: NASSearchConfig, ctx: Context,
+             seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``arch`` seeded with ``seed``, train it, score it and measure its cost."""
     torch.manual_seed(seed)
     model = build_cnn(arch)
@@ -179,7 +181,7 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None) 
     _check_ctx(ctx)
     storage = _study.open_storage(cfg.storage, ctx.workdir)
     _check_budget(cfg, ctx.example_inputs)
-    directions = [_study.DIRECTIONS[o] for o in cfg.objectives]
+    directions: list[Literal["minimize", "maximize"]] = [_study.DIRECTIONS[o] for o in cfg.objectives]
     genes = cfg.space.genes()
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.study_name, load_if_exists=True,
@@ -187,8 +189,8 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None) 
     except ValueError as exc:
         raise ConfigError(f"{_NAME}: cannot join study {cfg.study_name!r}: {exc}") from exc
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-        raise ConfigError(f"{_NAME}: study {cfg.study_name!r} optimizes other objectives than {list(cfg.objectives)}"
-                          "; choose another study_name")
+        raise ConfigError(f"{_NAME}: study {cfg.study_name!r} optimizes other objectives than "
+                          f"{list(cfg.objectives)}; choose another study_name")
     finished = (TrialState.COMPLETE, TrialState.FAIL)
     seed = ctx.seed + len(study.get_trials(deepcopy=False))  # joining workers draw different picks
     study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
@@ -244,7 +246,8 @@ def _write_artifacts(result: SearchResult, ctx: Context) -> None:
     if ctx.workdir is None:
         return
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    text = f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front)}\n\n## All complete trials\n\n"
+    text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front)}\n\n"
+            "## All complete trials\n\n")
     (ctx.workdir / "nas_trials.md").write_text(text + _study.table(result.rows) + "\n")
     try:
         png = _study.plot_front(result.rows, result.front)
@@ -267,8 +270,8 @@ def apply(model: nn.Module, cfg: NASSearchConfig, ctx: Context) -> Outcome:
     have = model.body.arch
     space = cfg.space
     if (have.in_channels, have.num_classes) != (space.in_channels, space.num_classes):
-        raise ConfigError(f"{_NAME}: space.in_channels/num_classes are {space.in_channels}/{space.num_classes}"
-                          f" but the model has {have.in_channels}/{have.num_classes}")
+        raise ConfigError(f"{_NAME}: space.in_channels/num_classes are {space.in_channels}/"
+                          f"{space.num_classes} but the model has {have.in_channels}/{have.num_classes}")
     started = time.perf_counter()
     result = search(cfg, ctx)
     best = result.models.get(result.best["trial"])

@@ -56,7 +56,8 @@ class CNNSpace:
         for field in ("base_widths", "width_mults", "depths", "kernels"):
             values = getattr(self, field)
             check(len(values) > 0, f"space.{field}: expected at least one choice, found an empty list")
-            check(len(set(values)) == len(values), f"space.{field}: expected distinct choices, found {list(values)}")
+            check(len(set(values)) == len(values),
+                  f"space.{field}: expected distinct choices, found {list(values)}")
         check(all(w >= 1 for w in self.base_widths), f"space.base_widths: expected widths >= 1, found "
               f"{list(self.base_widths)}")
         check(all(m > 0 for m in self.width_mults), f"space.width_mults: expected multipliers > 0, found "
@@ -64,7 +65,8 @@ class CNNSpace:
         narrowest = min(round(w * min(self.width_mults)) for w in self.base_widths)
         check(narrowest >= 1, f"space.width_mults: {min(self.width_mults)} x base_widths "
               f"{list(self.base_widths)} leaves a stage with 0 channels; expected at least 1")
-        check(all(d >= 0 for d in self.depths), f"space.depths: expected depths >= 0, found {list(self.depths)}")
+        check(all(d >= 0 for d in self.depths),
+              f"space.depths: expected depths >= 0, found {list(self.depths)}")
         check(all(k >= 1 and k % 2 == 1 for k in self.kernels),
               f"space.kernels: expected odd kernel sizes >= 1 (same padding), found {list(self.kernels)}")
         check(self.in_channels >= 1, f"space.in_channels: expected >= 1, found {self.in_channels}")
