@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -22,7 +23,9 @@ from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
 from torchslim.recipes.schema import TrainSpec
 from torchslim.train import fit
 
-__all__ = ["NASSearchConfig", "SearchResult", "apply", "evaluate", "search"]
+__all__ = [
+    "NASSearchConfig", "SearchResult", "apply", "evaluate", "search", "study_result", "write_artifacts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +176,13 @@ def _check_budget(cfg: NASSearchConfig, inputs: Any) -> None:
                           f"architecture of the space takes {reachable:.3f} ms on ctx.example_inputs")
 
 
-def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None) -> SearchResult:
-    """Run (or join) the study until it holds ``cfg.trials`` finished trials or ``timeout`` s pass."""
+def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
+           worker: int = 0) -> SearchResult:
+    """Run (or join) the study until it holds ``cfg.trials`` finished trials or ``timeout`` s pass.
+
+    ``worker`` offsets the sampler's seed so that processes joining one study at the same
+    moment do not propose the same architectures.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -192,7 +200,7 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None) 
         raise ConfigError(f"{_NAME}: study {cfg.study_name!r} optimizes other objectives than "
                           f"{list(cfg.objectives)}; choose another study_name")
     finished = (TrialState.COMPLETE, TrialState.FAIL)
-    seed = ctx.seed + len(study.get_trials(deepcopy=False))  # joining workers draw different picks
+    seed = ctx.seed + 1000 * worker + len(study.get_trials(deepcopy=False))  # workers draw different picks
     study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
     models: dict[int, nn.Module] = {}
     kept: list[tuple[float, int]] = []
@@ -242,22 +250,35 @@ def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> 
     return SearchResult(rows=rows, failed=failed, front=front, best=best, models=models)
 
 
-def _write_artifacts(result: SearchResult, ctx: Context) -> None:
-    if ctx.workdir is None:
+def study_result(cfg: NASSearchConfig) -> SearchResult:
+    """The trials, front and best row of the finished study ``cfg`` names (no new trials)."""
+    import optuna
+
+    storage = _study.open_storage(cfg.storage, None)
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    except KeyError as exc:
+        raise ConfigError(f"{_NAME}: no study {cfg.study_name!r} in {cfg.storage!r}") from exc
+    return _collect(study, cfg, {})
+
+
+def write_artifacts(result: SearchResult, folder: Path | None) -> None:
+    """Write ``nas_trials.md`` (front and all trials) and ``plots/nas_pareto.png`` into ``folder``."""
+    if folder is None:
         return
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front)}\n\n"
             "## All complete trials\n\n")
-    (ctx.workdir / "nas_trials.md").write_text(text + _study.table(result.rows) + "\n")
+    (folder / "nas_trials.md").write_text(text + _study.table(result.rows) + "\n")
     try:
         png = _study.plot_front(result.rows, result.front)
     except ImportError:
         logger.warning("matplotlib is not installed: nas.search writes no Pareto plot")
         return
-    (ctx.workdir / "plots").mkdir(exist_ok=True)
-    tmp = ctx.workdir / "plots" / "nas_pareto.png.tmp"
+    (folder / "plots").mkdir(exist_ok=True)
+    tmp = folder / "plots" / "nas_pareto.png.tmp"
     tmp.write_bytes(png)
-    tmp.replace(ctx.workdir / "plots" / "nas_pareto.png")
+    tmp.replace(folder / "plots" / "nas_pareto.png")
 
 
 @register(NASSearchConfig)
@@ -277,7 +298,7 @@ def apply(model: nn.Module, cfg: NASSearchConfig, ctx: Context) -> Outcome:
     best = result.models.get(result.best["trial"])
     if best is None:  # run by another worker: rebuild it the way the trial did
         best, _ = evaluate(CNNArch(**result.best["arch"]), cfg, ctx, seed=ctx.seed + result.best["trial"])
-    _write_artifacts(result, ctx)
+    write_artifacts(result, ctx.workdir)
     assert isinstance(best, SearchableCNN)
     model.body = best.body.train(model.training)
     stats = {"trials_complete": float(len(result.rows)), "trials_failed": float(len(result.failed)),

@@ -26,7 +26,7 @@ from torch import nn
 from torchslim.core.config import check, coerce_fields
 from torchslim.core.structure import rebuildable
 
-__all__ = ["CNNArch", "CNNBody", "CNNSpace", "SearchableCNN", "build_cnn"]
+__all__ = ["CNNArch", "CNNBody", "CNNSpace", "SearchableCNN", "build_cnn", "default_cnn", "digits_cnn"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,3 +206,15 @@ class SearchableCNN(nn.Module):
 def build_cnn(arch: CNNArch) -> SearchableCNN:
     """The network of ``arch`` (randomly initialised, in training mode)."""
     return SearchableCNN(arch)
+
+
+def default_cnn() -> SearchableCNN:
+    """The largest network of the default ``CNNSpace`` (a base model spec for recipes and the CLI:
+    ``py:torchslim.nas.spaces:default_cnn``)."""
+    space = CNNSpace()
+    return build_cnn(space.arch(space.extreme(largest=True)))
+
+
+def digits_cnn() -> SearchableCNN:
+    """A small base network for 8x8 inputs (sklearn digits): ``py:torchslim.nas.spaces:digits_cnn``."""
+    return build_cnn(CNNArch(widths=(8, 16), depths=(1, 1), kernels=(3, 3)))
