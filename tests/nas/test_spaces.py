@@ -57,7 +57,7 @@ def test_bad_search_config(fields: dict[str, object], message: str) -> None:
 
 
 def test_build_cnn_builds_and_runs_every_architecture_of_a_space() -> None:
-    space = CNNSpace(base_widths=(4, 8), width_mults=(0.5, 1.0), depths=(0, 2), kernels=(3, 5), image_size=9)
+    space = CNNSpace(base_widths=(4, 8), width_mults=(1.0,), depths=(0, 2), kernels=(3, 5), image_size=9)
     genes = space.genes()
     x = torch.randn(2, 1, 9, 9)
     seen = set()
