@@ -31,6 +31,8 @@ NOT_APPLICABLE: dict[tuple[str, str], type[Exception]] = {
     **{("sharing.huffman", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # one set of weights for a stack of same-class layers; none of the tiny models has such a stack
     **{("sharing.cross_layer", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
+    # searches its own CNN space and swaps the body of a torchslim.nas.SearchableCNN
+    **{("nas.search", name): UnsupportedModuleError for name in ("mlp", "cnn", "lm")},
     # factorises nn.Embedding tables; only the LM has one
     **{("sharing.embedding", name): UnsupportedModuleError for name in ("mlp", "cnn")},
     # two layers only, both kept float by keep_first_last (the default, as in the papers)

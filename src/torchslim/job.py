@@ -25,7 +25,8 @@ from torchslim.report.record import DeploymentRow, RunRecord, SampleRow
 from torchslim.runner import Result, compress
 from torchslim.train import distributed
 
-__all__ = ["check_out_dir", "deploy_rows", "export_run", "is_run_folder", "launch", "run_job"]
+__all__ = ["check_out_dir", "deploy_rows", "export_run", "is_run_folder", "launch", "run_job",
+           "run_search_job"]
 
 logger = logging.getLogger(__name__)
 _OURS = ("record.json", "structure.json", "checkpoints")
@@ -128,6 +129,55 @@ def launch(argv: list[str], nproc: int, *, check: tuple[str, Path, bool, bool] |
            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "torchslim.cli", *argv]
     logger.info("launching %d processes: %s", nproc, " ".join(cmd))
     return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, storage: str | None = None,
+                   model_spec: str | None = None, overwrite: bool = False, quick: bool = False,
+                   worker: int | None = None) -> RunRecord | None:
+    """``torchslim search``: ``workers - 1`` extra processes search one Optuna study, then the recipe runs.
+
+    Every ``nas.search`` of the recipe gets ``storage`` (default: SQLite ``<out>.nas.db`` next
+    to the output folder, which the run rewrites); the recipe's own ``nas.search`` joins the
+    study the workers fill. With ``worker`` set, this process only searches (it is worker
+    ``worker``; more can join from other machines with the same storage URL) and returns None.
+    """
+    import subprocess
+    import sys
+
+    from torchslim.adapters import resolve_data
+    from torchslim.errors import ConfigError
+    from torchslim.nas.search import NASSearchConfig, search, study_result, write_artifacts
+
+    if workers < 1:
+        raise ConfigError(f"--workers: expected a number of processes >= 1; found {workers}")
+    recipe = load_recipe(recipe_source)
+    url = storage or f"sqlite:///{out.resolve().parent / (out.name + '.nas.db')}"
+    stages = tuple(dataclasses.replace(stage, methods=tuple(
+        dataclasses.replace(m, storage=url) if isinstance(m, NASSearchConfig) else m for m in stage.methods))
+        for stage in recipe.stages)
+    searches = [m for stage in stages for m in stage.methods if isinstance(m, NASSearchConfig)]
+    if not searches:
+        raise ConfigError(f"{recipe_source}: torchslim search needs a recipe with a nas.search method")
+    recipe = dataclasses.replace(recipe, stages=stages)
+    if worker is not None:
+        if recipe.data is None:
+            raise ModelError("no data: the recipe has no 'data:' entry (e.g. data: zoo:fashion_mnist)")
+        ctx = resolve_data(recipe.data, quick=quick).context()
+        for cfg in searches:
+            search(cfg, ctx, worker=worker)
+        return None
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    extra = [*(["--model", model_spec] if model_spec else []), *(["--quick"] if quick else [])]
+    procs = [subprocess.Popen([sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe_source),
+                               "--storage", url, "--worker", str(i), *extra]) for i in range(1, workers)]
+    try:
+        record = run_job(recipe, out, model_spec=model_spec, overwrite=overwrite, quick=quick, progress=False)
+    finally:
+        for proc in procs:
+            proc.wait()
+    for cfg in searches:  # the run's workdir (checkpoints/) is gone; the study still holds every trial
+        write_artifacts(study_result(cfg), out)
+    return record
 
 
 def _clear(out: Path) -> None:

@@ -15,7 +15,8 @@ __all__ = ["dispatch"]
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the subcommand named in ``args``."""
-    handler = {"demo": _demo, "compress": _compress, "methods": _methods, "explain": _explain,
+    handler = {"demo": _demo, "compress": _compress, "search": _search, "methods": _methods,
+               "explain": _explain,
                "report": _report, "export": _export, "bench": _bench}[args.command]
     return handler(args)
 
@@ -54,6 +55,16 @@ def _compress(args: argparse.Namespace) -> int:
     record = run_job(args.recipe, out, model_spec=args.model, resume=args.resume,
                      overwrite=args.overwrite, quick=args.quick, progress=not args.quiet)
     return _print_result(args, record, out)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from torchslim.job import run_search_job
+
+    out = Path(args.out)
+    record = run_search_job(args.recipe, out, workers=args.workers, storage=args.storage,
+                            model_spec=args.model, overwrite=args.overwrite, quick=args.quick,
+                            worker=args.worker)
+    return 0 if record is None else _print_result(args, record, out)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -1,0 +1,165 @@
+"""Optuna plumbing for nas.search: storage, samplers (with regularized evolution), Pareto front, plot.
+
+Optuna is imported inside functions only: ``import torchslim`` must not pull it in.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from torchslim.errors import ConfigError
+
+__all__ = ["dominates", "make_sampler", "open_storage", "pareto_front", "plot_front", "table"]
+
+DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {
+    "accuracy": "maximize", "latency": "minimize", "flops": "minimize", "params": "minimize"}
+METRIC = {"accuracy": "accuracy", "latency": "latency_ms", "flops": "flops", "params": "params"}
+
+
+def open_storage(url: str | None, workdir: Path | None) -> Any:
+    """An Optuna storage: ``url``, else SQLite ``<workdir>/nas.db``, else in memory.
+
+    Raises:
+        ConfigError: the URL is malformed, its driver is missing, or the database cannot be
+            reached (connections time out after 10 s rather than hang).
+    """
+    import optuna
+
+    if url is None and workdir is None:
+        return optuna.storages.InMemoryStorage()
+    if url is None:
+        assert workdir is not None
+        workdir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{workdir.resolve() / 'nas.db'}"
+    sqlite = url.startswith("sqlite")
+    connect = {"timeout": 60} if sqlite else {"connect_timeout": 10}  # lock wait / TCP connect
+    try:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4-5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
+                                              heartbeat_interval=None if sqlite else 30,
+                                              grace_period=None if sqlite else 120)
+    except Exception as exc:  # noqa: BLE001 -- sqlalchemy, driver and OS errors all mean "cannot open"
+        raise ConfigError(f"nas.search.storage: cannot open the Optuna storage {_redacted(url)!r}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                          "(expected a reachable database URL such as sqlite:///path/nas.db or "
+                          "postgresql://user@host/db)") from exc
+
+
+def _redacted(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- an unparsable URL is shown as given
+        return url
+
+
+def make_sampler(strategy: str, genes: dict[str, tuple[Any, ...]], seed: int, trials: int) -> Any:
+    """The Optuna sampler of ``strategy``: random, evolution, tpe or nsga2."""
+    import optuna
+
+    if strategy == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if strategy == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)))
+    if strategy == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, min(50, trials // 3)))
+    population = max(2, min(50, trials // 3))
+    return _evolution_sampler(genes, seed, population, max(2, population // 3))
+
+
+def _evolution_sampler(genes: dict[str, tuple[Any, ...]], seed: int, population: int, sample: int) -> Any:
+    """Regularized evolution (Real et al. 2019) as an Optuna sampler, so it shares storage and workers.
+
+    Until ``population`` trials are complete, picks are random. Then each new trial mutates one
+    gene of the tournament winner (best first objective among ``sample`` trials drawn from the
+    ``population`` most recent complete ones); older trials age out of the population.
+    """
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    distributions = {name: CategoricalDistribution(list(choices)) for name, choices in genes.items()}
+
+    class RegularizedEvolution(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._rng = random.Random(seed)
+            self._random = optuna.samplers.RandomSampler(seed=seed)
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return distributions
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if len(done) < population or not search_space:
+                return {}
+            recent = sorted(done, key=lambda t: t.number)[-population:]
+            sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+            parent = max(self._rng.sample(recent, min(sample, len(recent))), key=lambda t: sign * t.values[0])
+            child = dict(parent.params)
+            mutable = [g for g in genes if len(genes[g]) > 1]
+            if mutable:
+                gene = self._rng.choice(mutable)
+                child[gene] = self._rng.choice([c for c in genes[gene] if c != child[gene]])
+            return child
+
+        def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+            return self._random.sample_independent(study, trial, name, distribution)
+
+    return RegularizedEvolution()
+
+
+def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) -> bool:
+    """Whether ``a`` is at least as good as ``b`` in every objective and better in one."""
+    better = [x > y if up else x < y for x, y, up in zip(a, b, maximize)]
+    worse = [x < y if up else x > y for x, y, up in zip(a, b, maximize)]
+    return any(better) and not any(worse)
+
+
+def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[int]:
+    """Indices of the non-dominated points, in input order."""
+    return [i for i, p in enumerate(points)
+            if not any(dominates(q, p, maximize) for j, q in enumerate(points) if j != i)]
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of trial rows (trial, arch, accuracy, latency, FLOPs, params)."""
+    lines = ["| trial | widths | depths | kernels | accuracy | latency (ms) | MFLOPs | params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        arch = r["arch"]
+        lines.append(f"| {r['trial']} | {arch['widths']} | {arch['depths']} | {arch['kernels']} | "
+                     f"{r['accuracy']:.4f} | {r['latency_ms']:.3f} | {r['flops'] / 1e6:.2f} | "
+                     f"{r['params']:,} |")
+    return "\n".join(lines)
+
+
+def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
+               reference: dict[str, float] | None = None, title: str = "nas.search") -> bytes:
+    """PNG bytes of accuracy vs latency: every trial, the Pareto front joined, a reference point."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter([r["latency_ms"] for r in rows], [r["accuracy"] for r in rows], s=14, color="#9ab",
+               label="trials")
+    ordered = sorted(front, key=lambda r: r["latency_ms"])
+    ax.plot([r["latency_ms"] for r in ordered], [r["accuracy"] for r in ordered], "-o", color="#3070b0",
+            label="Pareto front")
+    if reference is not None:
+        ax.scatter([reference["latency_ms"]], [reference["accuracy"]], marker="*", s=120, color="#c03030",
+                   label=str(reference.get("label", "reference")))
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

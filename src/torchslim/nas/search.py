@@ -1,0 +1,310 @@
+"""Multi-trial architecture search over a CNN space, latency-aware and multi-objective, on Optuna."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from torchslim.core import Context, MethodConfig, Outcome, check, register
+from torchslim.core.config import coerce_fields
+from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
+from torchslim.measure.flops import count_flops
+from torchslim.measure.params import count_params
+from torchslim.nas import _study
+from torchslim.nas.latency import measured_latency
+from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
+from torchslim.recipes.schema import TrainSpec
+from torchslim.train import fit
+
+__all__ = [
+    "NASSearchConfig", "SearchResult", "apply", "evaluate", "search", "study_result", "write_artifacts",
+]
+
+logger = logging.getLogger(__name__)
+
+_NAME = "nas.search"
+Objective = Literal["accuracy", "latency", "flops", "params"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NASSearchConfig(MethodConfig):
+    """Search a CNN space for the Pareto front of accuracy vs latency (or FLOPs, params).
+
+    Paper: Real et al., "Regularized Evolution for Image Classifier Architecture Search",
+    AAAI 2019, https://arxiv.org/abs/1802.01548; Tan et al., "MnasNet: Platform-Aware Neural
+    Architecture Search for Mobile", CVPR 2019, https://arxiv.org/abs/1807.11626
+
+    Args:
+        space: The search space (``CNNSpace`` fields: base_widths, width_mults, depths,
+            kernels, in_channels, num_classes, image_size).
+        strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``nsga2``
+            (Optuna's samplers).
+        trials: Finished trials (complete or failed) the study stops at, over all workers.
+        objectives: What the front trades off: ``accuracy`` (``eval_fn(model)["accuracy"]``
+            after training, maximized) and ``latency`` (measured, ms), ``flops``, ``params``
+            (minimized).
+        epochs_per_trial: Training epochs of each candidate on ``ctx.train_data``.
+        storage: Optuna storage URL shared by workers; SQLite ``<workdir>/nas.db`` by default,
+            in memory without a workdir.
+        study_name: Workers with the same storage and study name join one study.
+        latency_budget_ms: The returned model is the most accurate trial at or under this
+            latency; the most accurate trial overall when unset.
+
+    Recipe:
+        - method: nas.search
+          strategy: nsga2
+          trials: 40
+          objectives: [accuracy, latency]
+          space: {base_widths: [16, 32, 64], width_mults: [0.5, 1.0], depths: [0, 1, 2], kernels: [3, 5]}
+          latency_budget_ms: 2.0
+
+    Notes:
+        The model must be a ``torchslim.nas.SearchableCNN`` (``build_cnn(arch)``); its ``body``
+        is replaced by the chosen architecture, trained for ``epochs_per_trial`` (continue with
+        a train stage or ``distillation.logits``); ``ts.load`` rebuilds it from structure.json.
+        Latency is the best of 20 single-thread calls on ``ctx.example_inputs`` (robust on a
+        busy machine).
+        Each trial is a fresh network seeded with ``ctx.seed + trial number``. A trial whose
+        training or ``eval_fn`` raises is marked failed with the message and the study goes
+        on. Several processes with one storage URL share the study; completed trials are
+        committed as they finish, so a killed worker loses only its running trial. Writes
+        ``plots/nas_pareto.png`` and ``nas_trials.md`` into ``ctx.workdir``. Evolution draws
+        random picks until ``trials // 3`` are complete, then mutates one gene of a
+        tournament winner (first objective) per trial.
+    """
+
+    name: ClassVar[str] = _NAME
+    space: CNNSpace = CNNSpace()
+    strategy: Literal["random", "evolution", "tpe", "nsga2"] = "tpe"
+    trials: int = 20
+    objectives: tuple[Objective, ...] = ("accuracy", "latency")
+    epochs_per_trial: int = 1
+    storage: str | None = None
+    study_name: str = "torchslim-nas"
+    latency_budget_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.space, CNNSpace), f"{_NAME}: space must be a CNNSpace or a mapping of its "
+              f"fields, found {type(self.space).__name__}")
+        check(self.trials >= 1, f"{_NAME}: trials must be >= 1, found {self.trials}")
+        check(self.epochs_per_trial >= 1,
+              f"{_NAME}: epochs_per_trial must be >= 1, found {self.epochs_per_trial}")
+        objectives = list(self.objectives)
+        check("accuracy" in objectives and len(set(objectives)) == len(objectives),
+              f"{_NAME}: objectives must include 'accuracy' and name each objective once, found {objectives}")
+        unknown = set(objectives) - set(_study.DIRECTIONS)
+        check(not unknown, f"{_NAME}: unknown objectives {sorted(unknown)}; expected some of "
+              f"{sorted(_study.DIRECTIONS)}")
+        check(self.latency_budget_ms is None or self.latency_budget_ms > 0,
+              f"{_NAME}: latency_budget_ms must be > 0, found {self.latency_budget_ms}")
+        check(bool(self.study_name), f"{_NAME}: study_name must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; the space becomes a mapping."""
+        out = super().to_dict()
+        out["space"] = self.space.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "method") -> NASSearchConfig:
+        """Validate plain data; ``space`` is a mapping of ``CNNSpace`` fields."""
+        fields = {k: v for k, v in raw.items() if k not in ("method", "space")}
+        space = raw.get("space", {})
+        if isinstance(space, Mapping):
+            space = CNNSpace.from_mapping(space, f"{where}.space")
+        return cls(space=space, **coerce_fields(cls, fields, where))
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        rows: One dict per complete trial: trial, arch, accuracy, latency_ms, flops, params.
+        failed: ``{"trial", "error"}`` per failed trial.
+        front: The rows on the Pareto front of the config's objectives.
+        best: The most accurate row within the latency budget.
+        models: Trained models of trials this process ran and kept (the best within budget).
+    """
+
+    rows: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    best: dict[str, Any]
+    models: dict[int, nn.Module]
+
+
+def evaluate(arch: CNNArch, cfg: NASSearchConfig, ctx: Context,
+             seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``arch`` seeded with ``seed``, train it, score it and measure its cost."""
+    torch.manual_seed(seed)
+    model = build_cnn(arch)
+    fit(model, TrainSpec(epochs=cfg.epochs_per_trial), [], ctx)
+    model.eval()
+    assert ctx.eval_fn is not None  # checked before the search
+    scores = ctx.eval_fn(model)
+    if "accuracy" not in scores:
+        raise DataError(f"{_NAME}: eval_fn returned {sorted(scores)}; expected an 'accuracy' key")
+    inputs = ctx.example_inputs
+    return model, {"arch": arch.to_dict(), "accuracy": float(scores["accuracy"]),
+                   "latency_ms": measured_latency(model, inputs), "flops": count_flops(model, inputs),
+                   "params": count_params(model)[0]}
+
+
+def _check_ctx(ctx: Context) -> None:
+    missing = [name for name in ("train_data", "eval_fn", "example_inputs") if getattr(ctx, name) is None]
+    if missing:
+        raise DataError(f"{_NAME}: needs ctx.{', ctx.'.join(missing)} (each candidate is trained on "
+                        "train_data, scored by eval_fn and timed on example_inputs); found None")
+
+
+def _check_budget(cfg: NASSearchConfig, inputs: Any) -> None:
+    """A budget below the smallest architecture's latency fails before any training."""
+    if cfg.latency_budget_ms is None:
+        return
+    smallest = build_cnn(cfg.space.arch(cfg.space.extreme(largest=False))).eval()
+    reachable = measured_latency(smallest, inputs)
+    if reachable > cfg.latency_budget_ms:
+        raise ConfigError(f"{_NAME}: latency_budget_ms={cfg.latency_budget_ms} cannot be met: the smallest "
+                          f"architecture of the space takes {reachable:.3f} ms on ctx.example_inputs")
+
+
+def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
+           worker: int = 0) -> SearchResult:
+    """Run (or join) the study until it holds ``cfg.trials`` finished trials or ``timeout`` s pass.
+
+    ``worker`` offsets the sampler's seed so that processes joining one study at the same
+    moment do not propose the same architectures.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    _check_ctx(ctx)
+    storage = _study.open_storage(cfg.storage, ctx.workdir)
+    _check_budget(cfg, ctx.example_inputs)
+    directions: list[Literal["minimize", "maximize"]] = [_study.DIRECTIONS[o] for o in cfg.objectives]
+    genes = cfg.space.genes()
+    try:
+        study = optuna.create_study(storage=storage, study_name=cfg.study_name, load_if_exists=True,
+                                    directions=directions)
+    except ValueError as exc:
+        raise ConfigError(f"{_NAME}: cannot join study {cfg.study_name!r}: {exc}") from exc
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        raise ConfigError(f"{_NAME}: study {cfg.study_name!r} optimizes other objectives than "
+                          f"{list(cfg.objectives)}; choose another study_name")
+    finished = (TrialState.COMPLETE, TrialState.FAIL)
+    seed = ctx.seed + 1000 * worker + len(study.get_trials(deepcopy=False))  # workers draw different picks
+    study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
+    models: dict[int, nn.Module] = {}
+    kept: list[tuple[float, int]] = []
+
+    def objective(trial: Any) -> tuple[float, ...]:
+        arch = cfg.space.arch({name: trial.suggest_categorical(name, list(c)) for name, c in genes.items()})
+        try:
+            model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise
+        for key, value in row.items():
+            trial.set_user_attr(key, value)
+        budget = cfg.latency_budget_ms
+        if (budget is None or row["latency_ms"] <= budget) and (not kept or row["accuracy"] > kept[0][0]):
+            kept[:] = [(row["accuracy"], trial.number)]
+            models.clear()
+            models[trial.number] = model
+        return tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
+
+    if len(study.get_trials(deepcopy=False, states=finished)) < cfg.trials:
+        stop = optuna.study.MaxTrialsCallback(cfg.trials, states=finished)
+        study.optimize(objective, n_trials=cfg.trials, timeout=timeout, catch=(Exception,), callbacks=[stop])
+    return _collect(study, cfg, models)
+
+
+def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> SearchResult:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    rows = [{"trial": t.number, **t.user_attrs} for t in trials if t.state == TrialState.COMPLETE]
+    failed = [{"trial": t.number, "error": t.user_attrs.get("error", t.system_attrs.get("fail_reason", "?"))}
+              for t in trials if t.state == TrialState.FAIL]
+    if not rows:
+        first = failed[0]["error"] if failed else "no trial ran"
+        raise DataError(f"{_NAME}: no trial completed ({len(failed)} failed); the first error: {first}")
+    maximize = [_study.DIRECTIONS[o] == "maximize" for o in cfg.objectives]
+    points = [[float(r[_study.METRIC[o]]) for o in cfg.objectives] for r in rows]
+    front = [rows[i] for i in _study.pareto_front(points, maximize)]
+    budget = cfg.latency_budget_ms
+    within = [r for r in rows if budget is None or r["latency_ms"] <= budget]
+    if not within:
+        fastest = min(r["latency_ms"] for r in rows)
+        raise ConfigError(f"{_NAME}: no complete trial meets latency_budget_ms={budget}; the fastest took "
+                          f"{fastest:.3f} ms (raise the budget or add smaller choices to the space)")
+    best = max(within, key=lambda r: (r["accuracy"], -r["latency_ms"]))
+    return SearchResult(rows=rows, failed=failed, front=front, best=best, models=models)
+
+
+def study_result(cfg: NASSearchConfig) -> SearchResult:
+    """The trials, front and best row of the finished study ``cfg`` names (no new trials)."""
+    import optuna
+
+    storage = _study.open_storage(cfg.storage, None)
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    except KeyError as exc:
+        raise ConfigError(f"{_NAME}: no study {cfg.study_name!r} in {cfg.storage!r}") from exc
+    return _collect(study, cfg, {})
+
+
+def write_artifacts(result: SearchResult, folder: Path | None) -> None:
+    """Write ``nas_trials.md`` (front and all trials) and ``plots/nas_pareto.png`` into ``folder``."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front)}\n\n"
+            "## All complete trials\n\n")
+    (folder / "nas_trials.md").write_text(text + _study.table(result.rows) + "\n")
+    try:
+        png = _study.plot_front(result.rows, result.front)
+    except ImportError:
+        logger.warning("matplotlib is not installed: nas.search writes no Pareto plot")
+        return
+    (folder / "plots").mkdir(exist_ok=True)
+    tmp = folder / "plots" / "nas_pareto.png.tmp"
+    tmp.write_bytes(png)
+    tmp.replace(folder / "plots" / "nas_pareto.png")
+
+
+@register(NASSearchConfig)
+def apply(model: nn.Module, cfg: NASSearchConfig, ctx: Context) -> Outcome:
+    """Search, then replace ``model.body`` by the most accurate architecture within the budget."""
+    if not isinstance(model, SearchableCNN):
+        raise UnsupportedModuleError(
+            f"{_NAME} searches its own CNN space and swaps the 'body' of a torchslim.nas.SearchableCNN "
+            f"(build one with torchslim.nas.build_cnn(arch)); found a {type(model).__name__}")
+    have = model.body.arch
+    space = cfg.space
+    if (have.in_channels, have.num_classes) != (space.in_channels, space.num_classes):
+        raise ConfigError(f"{_NAME}: space.in_channels/num_classes are {space.in_channels}/"
+                          f"{space.num_classes} but the model has {have.in_channels}/{have.num_classes}")
+    started = time.perf_counter()
+    result = search(cfg, ctx)
+    best = result.models.get(result.best["trial"])
+    if best is None:  # run by another worker: rebuild it the way the trial did
+        best, _ = evaluate(CNNArch(**result.best["arch"]), cfg, ctx, seed=ctx.seed + result.best["trial"])
+    write_artifacts(result, ctx.workdir)
+    assert isinstance(best, SearchableCNN)
+    model.body = best.body.train(model.training)
+    stats = {"trials_complete": float(len(result.rows)), "trials_failed": float(len(result.failed)),
+             "pareto_points": float(len(result.front)), "best_accuracy": result.best["accuracy"],
+             "best_latency_ms": result.best["latency_ms"], "seconds": time.perf_counter() - started}
+    layers = {f"trial_{r['trial']}": {"accuracy": r["accuracy"], "latency_ms": r["latency_ms"],
+                                      "flops": float(r["flops"]), "params": float(r["params"])}
+              for r in sorted(result.front, key=lambda r: r["latency_ms"])}
+    return Outcome(model=model, touched=("body",), structure={"body": {}}, stats=stats, layers=layers)
