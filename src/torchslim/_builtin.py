@@ -11,6 +11,7 @@ from torchslim.lowrank import drone as _drone  # noqa: F401
 from torchslim.lowrank import separable as _separable  # noqa: F401
 from torchslim.lowrank import svd as _svd  # noqa: F401
 from torchslim.lowrank import tucker as _tucker  # noqa: F401
+from torchslim.nas import autocompress as _autocompress  # noqa: F401
 from torchslim.nas import search as _search  # noqa: F401
 from torchslim.pruning import channel as _channel  # noqa: F401
 from torchslim.pruning import gradual as _gradual  # noqa: F401
