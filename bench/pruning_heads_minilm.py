@@ -28,12 +28,7 @@ START, END = "<!-- heads -->", "<!-- /heads -->"
 
 
 def calibration(tok: object, n: int = 256, batch: int = 32) -> list[dict[str, torch.Tensor]]:
-    sentences = list(minilm.lee_background_sentences()[:n])
-    out = []
-    for i in range(0, n, batch):
-        ids, mask = minilm.tokenize(tok, sentences[i:i + batch])
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return minilm.token_batches(tok, list(minilm.lee_background_sentences()[:n]), batch)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from torchslim.errors import DataError, ModelError
 
 __all__ = [
+    "token_batches",
     "MiniLMEncoder",
     "encode",
     "encode_latency",
@@ -132,6 +133,17 @@ def tokenize(tokenizer: Any, sentences: Sequence[str],
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def token_batches(tokenizer: Any, sentences: Sequence[str], batch: int = 32,
+                  max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``sentences`` in batches of ``batch``, each ``{"input_ids", "attention_mask"}``: the
+    keyword batches a ``MiniLMEncoder`` takes (calibration data for a ``Context``)."""
+    out = []
+    for start in range(0, len(sentences), batch):
+        ids, mask = tokenize(tokenizer, sentences[start:start + batch], max_length)
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
 
 
 @torch.inference_mode()

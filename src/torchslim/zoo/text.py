@@ -62,14 +62,11 @@ def lee_similarity(tokenizer: Any, quick: bool = False) -> dict[str, Any]:
     sentences = list(minilm.lee_background_sentences())
     if quick:
         sentences = sentences[:QUICK_SENTENCES]
-    batches = []
-    for start in range(0, len(sentences), SENTENCE_BATCH):
-        ids, mask = minilm.tokenize(tokenizer, sentences[start:start + SENTENCE_BATCH], SENTENCE_TOKENS)
-        batches.append({"input_ids": ids, "attention_mask": mask})
+    calib = minilm.token_batches(tokenizer, sentences[:16 * SENTENCE_BATCH], SENTENCE_BATCH, SENTENCE_TOKENS)
     ids, mask = minilm.tokenize(tokenizer, sentences, SENTENCE_TOKENS)
     first = minilm.tokenize(tokenizer, sentences[:1], SENTENCE_TOKENS)
     return {"train": TensorDataset(ids, mask), "test": TensorDataset(ids, mask),
-            "example_inputs": first, "calib": batches[:16],
+            "example_inputs": first, "calib": calib,
             "eval_fn": functools.partial(_similarity, tokenizer), "samples_fn": None}
 
 
