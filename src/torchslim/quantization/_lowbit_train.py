@@ -9,13 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core import Context, Outcome, TrainedMethod, select, surgery
+from torchslim.core import Context, Outcome, TrainedMethod, check, select, surgery
 from torchslim.errors import UnsupportedModuleError
 from torchslim.quantization.lowbit import _Packed, _PackedConv2d, _PackedLinear, lowbit_forward
 
 __all__ = ["LowBitMethod", "LowBitTraining", "lowbit_layers"]
 
 _TYPES = (nn.Linear, nn.Conv2d)
+
+
+def check_flags(name: str, cfg: object, fields: tuple[str, ...]) -> None:
+    """Each of ``cfg``'s ``fields`` is a bool (a config built in Python skips the recipe's typing)."""
+    for field in fields:
+        value = getattr(cfg, field)
+        check(isinstance(value, bool), f"{name}: {field} must be true or false; found {value!r}")
 
 
 def lowbit_layers(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from torchslim.core import MethodConfig, check, register
-from torchslim.quantization._lowbit_train import LowBitMethod
+from torchslim.core import MethodConfig, register
+from torchslim.quantization._lowbit_train import LowBitMethod, check_flags
 from torchslim.quantization.lowbit import BinaryConv2d, BinaryLinear, binarize
 
 __all__ = ["BinaryQuantization", "BinaryQuantizationConfig"]
@@ -64,9 +64,7 @@ class BinaryQuantizationConfig(MethodConfig):
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in ("activations", "keep_first_last"):
-            value = getattr(self, field)
-            check(isinstance(value, bool), f"{_NAME}: {field} must be true or false; found {value!r}")
+        check_flags(_NAME, self, ("activations", "keep_first_last"))
 
 
 @register(BinaryQuantizationConfig)

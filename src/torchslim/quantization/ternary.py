@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from torchslim.core import MethodConfig, check, register
-from torchslim.quantization._lowbit_train import LowBitMethod
+from torchslim.quantization._lowbit_train import LowBitMethod, check_flags
 from torchslim.quantization.lowbit import TernaryConv2d, TernaryLinear, ternarize, ternary_codes
 
 __all__ = ["TernaryQuantization", "TernaryQuantizationConfig"]
@@ -61,9 +61,7 @@ class TernaryQuantizationConfig(MethodConfig):
         check(isinstance(self.threshold_factor, (int, float)) and 0.0 <= self.threshold_factor < 2.0,
               f"{_NAME}: threshold_factor must be a number in [0, 2) (the paper: 0.7); "
               f"found {self.threshold_factor!r}")
-        for field in ("per_channel", "keep_first_last"):
-            value = getattr(self, field)
-            check(isinstance(value, bool), f"{_NAME}: {field} must be true or false; found {value!r}")
+        check_flags(_NAME, self, ("per_channel", "keep_first_last"))
 
 
 @register(TernaryQuantizationConfig)
