@@ -31,13 +31,39 @@ def test_round_trip_matches_pytorch(case: TinyCase, fmt: str, tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["m.bin"]  # no temporary file left
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "torch_export"])
+@pytest.mark.parametrize("fmt", ["torchscript", "torch_export", "onnx"])
 def test_weight_only_int4_model_exports(fmt: str, tmp_path: Path) -> None:
     case = CASES[0]
     torch.manual_seed(0)
     model = ts.apply(case.build(), WeightOnlyConfig(bits=4, group_size=16), ts.Context()).model
     info = export_artifact(model, case.make_input(2), tmp_path, fmt)
     assert info["cosine"] > 0.9999 and info["latency_ms"] > 0
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        ops = {node.op_type for node in onnx.load(info["path"]).graph.node}
+        assert "MatMulNBits" in ops
+
+
+class DictOutput(nn.Module):
+    """Returns its logits inside a mapping, as Hugging Face models return output objects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(x), "hidden": x}
+
+
+def test_onnx_artifact_of_a_model_returning_a_mapping(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = DictOutput()
+    x = torch.randn(2, 4)
+    info = export_artifact(model, x, tmp_path, "onnx")
+    assert info["cosine"] > 0.99999
+    from torchslim.export.onnx import OnnxModule
+
+    torch.testing.assert_close(OnnxModule(info["path"])(x), model(x)["logits"], rtol=1e-5, atol=1e-5)
 
 
 class Branchy(nn.Module):

@@ -42,8 +42,10 @@ def _export_file(model: nn.Module, inputs: Any, folder: Path,
                  fmt: str) -> tuple[dict[str, Any], Callable[..., Any]]:
     if fmt == "onnx":
         from torchslim.export.onnx import OnnxModule, export_onnx
+        from torchslim.export.program import FirstTensor
 
-        info = export_onnx(model, inputs, folder / "model.onnx", min_cosine=0.99)
+        # Hugging Face models return output objects (and a KV cache), which ONNX cannot carry
+        info = export_onnx(FirstTensor(model), inputs, folder / "model.onnx", min_cosine=0.99)
         return info, OnnxModule(folder / "model.onnx")
     from torchslim.export.program import FORMATS as FILES
     from torchslim.export.program import export_program, load_program

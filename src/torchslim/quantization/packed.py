@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.core.structure import rebuildable
+from torchslim.quantization.nbits import exports_as_nbits, matmul_nbits
 
 __all__ = [
     "WeightOnlyLinear",
@@ -90,6 +91,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return out
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
 @rebuildable
 class WeightOnlyLinear(nn.Module):
     """A Linear whose weight is stored as packed low-bit codes with per-group scales.
@@ -149,6 +155,10 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
+        if _exporting() and exports_as_nbits(self.bits, self.group_size):
+            args = (x, self.packed, self.scale, self.zero, self.in_features, self.bits)
+            out: torch.Tensor = matmul_nbits(*args)
+            return out if self.bias is None else out + self.bias
         if self.out_features <= _ROWS_PER_BLOCK:
             return F.linear(x, self.weight().to(x.dtype), self.bias)
         parts = []

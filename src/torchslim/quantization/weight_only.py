@@ -49,7 +49,9 @@ class WeightOnlyConfig(MethodConfig):
         does not divide a layer's input width is an error naming the layer. Tied weights and
         Linear subclasses read by their owners (``nn.MultiheadAttention.out_proj``) stay
         float, listed in a warning. ``quantization.gptq`` and ``quantization.awq`` produce
-        the same packed layers with less error, from calibration data.
+        the same packed layers with less error, from calibration data. Exported to ONNX, 4- and
+        8-bit layers whose groups are a power of two of at least 16 become ONNX Runtime's
+        ``com.microsoft.MatMulNBits`` on the packed codes; other widths export as float.
     """
 
     name: ClassVar[str] = _NAME
