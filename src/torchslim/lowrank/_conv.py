@@ -57,7 +57,7 @@ def dense_cost(conv: nn.Conv2d) -> int:
 
 
 def swap_convs(model: nn.Module, convs: dict[str, nn.Conv2d], name: str,
-               plan: Callable[[str, nn.Conv2d], Plan]) -> Outcome:
+               plan: Callable[[str, nn.Conv2d], Plan], stats: dict[str, float] | None = None) -> Outcome:
     """Replace each conv by the module ``plan`` builds where it costs fewer multiply-adds."""
     made: dict[str, nn.Module] = {}
     layers: dict[str, dict[str, float]] = {}
@@ -75,5 +75,5 @@ def swap_convs(model: nn.Module, convs: dict[str, nn.Conv2d], name: str,
                        for f in replaced)
     ratio = round(params_after / params_before, 4) if params_before else 1.0
     return Outcome(model=model, touched=replaced, structure={f: {} for f in replaced},
-                   stats={"layers": len(replaced), "weight_ratio": ratio},
+                   stats={"layers": len(replaced), "weight_ratio": ratio, **(stats or {})},
                    layers={f: layers[f] for f in replaced})
