@@ -196,3 +196,12 @@ def test_bad_budgets_are_reported() -> None:
         _run(_mlp(), SVDConfig(flops=0.01), _correlated(8))
     with pytest.raises(DataError, match="calibration data"):
         ts.apply(_mlp(), SVDConfig(flops=0.5), ts.Context())
+
+
+def test_layers_inside_factorised_layers_are_never_factorised_again() -> None:
+    model, x = _convs(), torch.randn(2, 16, 15, 15)
+    first = _run(model, TuckerConfig(flops=0.5, targets=("0",)), x)
+    again = _run(first.model, SVDConfig(flops=0.5, targets=("type:Conv2d",)), x)  # 1x1 convs inside "0"
+    assert not again.record.outcomes[0].touched
+    twice = _run(_run(_mlp(), SVDConfig(rank=8), _correlated(8)).model, SVDConfig(rank=4), _correlated(8))
+    assert not twice.record.outcomes[0].touched

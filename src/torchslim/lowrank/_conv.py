@@ -10,6 +10,7 @@ from torch import nn
 
 from torchslim.core import Outcome, select, surgery
 from torchslim.errors import UnsupportedModuleError
+from torchslim.lowrank.modules import factorised_parts
 
 __all__ = ["eligible_convs", "swap_convs"]
 
@@ -30,7 +31,10 @@ def eligible_convs(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise UnsupportedModuleError(f"{name}: expected a model with nn.Conv2d layers; found none "
                                      f"(module types: {', '.join(kinds)})")
-    chosen = surgery.plain_layers(model, select(model, targets, ignore), (nn.Conv2d,), name)
+    parts = factorised_parts(model)
+    fresh = [(f, m) for f, m in select(model, targets, ignore) if f not in parts]
+    chosen = surgery.plain_layers(model, fresh,
+                                  (nn.Conv2d,), name)
     eligible: dict[str, nn.Conv2d] = {}
     skipped = []
     for fqn, conv in chosen.items():

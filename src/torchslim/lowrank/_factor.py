@@ -12,7 +12,7 @@ from torch import nn
 
 from torchslim.core import Context, Outcome, check, select, surgery
 from torchslim.lowrank._budget import Layer, allocate, energy_shares, positions
-from torchslim.lowrank.modules import LowRankConv2d, LowRankLinear
+from torchslim.lowrank.modules import LowRankConv2d, LowRankLinear, factorised_parts
 
 __all__ = ["budget_ranks", "check_rank", "factorisable", "factorise", "matrix", "rank_of"]
 
@@ -44,7 +44,10 @@ def matrix(layer: nn.Module) -> torch.Tensor:
 def factorisable(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
                  name: str) -> dict[str, nn.Module]:
     """Selected plain ``nn.Linear`` and unpadded 1x1 ``nn.Conv2d`` with ``groups=1``; others are logged."""
-    chosen = surgery.plain_layers(model, select(model, targets, ignore), (nn.Linear, nn.Conv2d), name)
+    parts = factorised_parts(model)
+    fresh = [(f, m) for f, m in select(model, targets, ignore) if f not in parts]
+    chosen = surgery.plain_layers(model, fresh,
+                                  (nn.Linear, nn.Conv2d), name)
     kept = {f: m for f, m in chosen.items() if isinstance(m, nn.Linear) or (
         cast("nn.Conv2d", m).kernel_size == (1, 1) and cast("nn.Conv2d", m).groups == 1
         and cast("nn.Conv2d", m).padding in ((0, 0), "valid", "same"))}

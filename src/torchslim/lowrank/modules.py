@@ -9,7 +9,7 @@ from torch import nn
 
 from torchslim.core.structure import rebuildable
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "SeparableConv2d", "TuckerConv2d"]
+__all__ = ["LowRankConv2d", "LowRankLinear", "SeparableConv2d", "TuckerConv2d", "factorised_parts"]
 
 _Pair = int | tuple[int, int]
 
@@ -243,3 +243,10 @@ class SeparableConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, depth_multiplier={self.depth_multiplier}, "
                 f"out_channels={self.out_channels}")
+
+
+def factorised_parts(model: nn.Module) -> set[str]:
+    """Fqns of the layers inside this module's factorised layers (never factorised again)."""
+    kinds = (LowRankLinear, LowRankConv2d, TuckerConv2d, SeparableConv2d)
+    return {f"{fqn}.{name}" for fqn, module in model.named_modules() if isinstance(module, kinds)
+            for name, _ in module.named_children()}
