@@ -198,6 +198,10 @@ def render(saved: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| {name} | {r['params']:,} | {r['flops'] / 1e6:.1f} | {r['flops'] / base['flops']:.3f} | "
                      f"{r['accuracy_converted']:.2%} | {r['accuracy_finetuned']:.2%} | {speed} |")
     parts = saved["parts"]
+    if not timed:
+        lines += ["", "Latency not measured yet: the shared benchmark lock (`/tmp/torchslim-bench.lock`) stayed "
+                  "with other benchmarks until this run's time limit. The fine-tuned models are saved by the "
+                  "train phase; the latency command below times them and fills the two columns."]
     lines += ["", "Notes:", "",
               f"- Where the FLOPs are: the 1x1 convolutions {parts['pointwise']:.1%}, the stem "
               f"{parts['stem']:.1%}, the rest (depthwise 3x3 convs, head) "
