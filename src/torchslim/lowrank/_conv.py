@@ -10,6 +10,7 @@ from torch import nn
 
 from torchslim.core import Outcome, select, surgery
 from torchslim.errors import UnsupportedModuleError
+from torchslim.lowrank.modules import factorised_parts
 
 __all__ = ["eligible_convs", "swap_convs"]
 
@@ -30,7 +31,10 @@ def eligible_convs(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise UnsupportedModuleError(f"{name}: expected a model with nn.Conv2d layers; found none "
                                      f"(module types: {', '.join(kinds)})")
-    chosen = surgery.plain_layers(model, select(model, targets, ignore), (nn.Conv2d,), name)
+    parts = factorised_parts(model)
+    fresh = [(f, m) for f, m in select(model, targets, ignore) if f not in parts]
+    chosen = surgery.plain_layers(model, fresh,
+                                  (nn.Conv2d,), name)
     eligible: dict[str, nn.Conv2d] = {}
     skipped = []
     for fqn, conv in chosen.items():
@@ -57,7 +61,7 @@ def dense_cost(conv: nn.Conv2d) -> int:
 
 
 def swap_convs(model: nn.Module, convs: dict[str, nn.Conv2d], name: str,
-               plan: Callable[[str, nn.Conv2d], Plan]) -> Outcome:
+               plan: Callable[[str, nn.Conv2d], Plan], stats: dict[str, float] | None = None) -> Outcome:
     """Replace each conv by the module ``plan`` builds where it costs fewer multiply-adds."""
     made: dict[str, nn.Module] = {}
     layers: dict[str, dict[str, float]] = {}
@@ -75,5 +79,5 @@ def swap_convs(model: nn.Module, convs: dict[str, nn.Conv2d], name: str,
                        for f in replaced)
     ratio = round(params_after / params_before, 4) if params_before else 1.0
     return Outcome(model=model, touched=replaced, structure={f: {} for f in replaced},
-                   stats={"layers": len(replaced), "weight_ratio": ratio},
+                   stats={"layers": len(replaced), "weight_ratio": ratio, **(stats or {})},
                    layers={f: layers[f] for f in replaced})

@@ -9,7 +9,7 @@ from torch import nn
 
 from torchslim.core.structure import rebuildable
 
-__all__ = ["LowRankLinear", "SeparableConv2d", "TuckerConv2d"]
+__all__ = ["LowRankConv2d", "LowRankLinear", "SeparableConv2d", "TuckerConv2d", "factorised_parts"]
 
 _Pair = int | tuple[int, int]
 
@@ -65,6 +65,50 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}"
+
+
+@rebuildable
+class LowRankConv2d(nn.Module):
+    """``second(first(x))``: a 1x1 Conv2d ``in -> out`` of rank ``rank`` as two thinner 1x1 convs.
+
+    A 1x1 convolution is a Linear over channels at every pixel; this is ``LowRankLinear`` in
+    that form, ``rank * (in + out)`` multiply-adds per output pixel instead of ``in * out``.
+
+    Attributes:
+        first: ``nn.Conv2d(in_channels, rank, 1, stride, bias=False)`` (carries the stride).
+        second: ``nn.Conv2d(rank, out_channels, 1)`` carrying the original bias.
+    """
+
+    def __init__(self, in_channels: int, rank: int, out_channels: int, stride: _Pair = 1,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.in_channels, self.rank, self.out_channels = in_channels, rank, out_channels
+        self.first = nn.Conv2d(in_channels, rank, 1, stride, bias=False)
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, first: torch.Tensor, second: torch.Tensor) -> LowRankConv2d:
+        """The 1x1 ``conv`` as ``second @ first``: ``first`` (rank, in), ``second`` (out, rank)."""
+        layer = cls(conv.in_channels, first.shape[0], conv.out_channels, _plain(conv.stride),
+                    bias=conv.bias is not None).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.first.weight.copy_(first[:, :, None, None])
+            layer.second.weight.copy_(second[:, :, None, None])
+            if conv.bias is not None:
+                assert layer.second.bias is not None
+                layer.second.bias.copy_(conv.bias)
+        return layer.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.second(self.first(x))
+        return out
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "rank": self.rank, "out_channels": self.out_channels,
+                "stride": _plain(self.first.stride), "bias": self.second.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, rank={self.rank}, out_channels={self.out_channels}"
 
 
 @rebuildable
@@ -199,3 +243,10 @@ class SeparableConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, depth_multiplier={self.depth_multiplier}, "
                 f"out_channels={self.out_channels}")
+
+
+def factorised_parts(model: nn.Module) -> set[str]:
+    """Fqns of the layers inside this module's factorised layers (never factorised again)."""
+    kinds = (LowRankLinear, LowRankConv2d, TuckerConv2d, SeparableConv2d)
+    return {f"{fqn}.{name}" for fqn, module in model.named_modules() if isinstance(module, kinds)
+            for name, _ in module.named_children()}
