@@ -14,7 +14,7 @@ images; since the dense reference is a frozen-feature probe, the ``dense-finetun
 the dense network the same fine-tuning, so a drop can be read against both.
 
 Run: python bench/pruning_accuracy.py [--model fashion_cnn|mobilenet] [--epochs 2] [--train 20000]
-[--variants l2,taylor,...]. Results merge into docs/benchmarks/pruning-accuracy.md (so variants
+[--variants l2,taylor,...] [--before-test N]. Results merge into docs/benchmarks/pruning-accuracy.md (so variants
 can run separately); each model keeps its own JSON state.
 """
 
@@ -93,7 +93,8 @@ def half_flops_ratio(s: Setting, x: torch.Tensor) -> tuple[float, float]:
     raise RuntimeError("no ratio below 0.6 halves the FLOPs")
 
 
-def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test: Any) -> dict[str, Any]:
+def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test: Any,
+        before_test: int | None = None) -> dict[str, Any]:
     iterative = variant.startswith("iterative-")
     dense = variant == "dense-finetuned"
     importance = variant.removeprefix("iterative-")
@@ -116,20 +117,21 @@ def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test:
     if not iterative and not dense:
         one_shot = ts.apply(s.build(), ChannelPruningConfig(ratio=ratio, importance=importance, ignore=s.ignore),
                             _ctx(s, train, test)).model
-        row["accuracy_before_finetune"] = 100 * accuracy(one_shot, test, batch_size=500)
+        row["accuracy_before_finetune"] = 100 * accuracy(one_shot, test, batch_size=500, limit=before_test)
     return row
 
 
 def render(s: Setting, state: dict[str, Any]) -> str:
     meta = state["meta"]
     control = state.get("dense-finetuned")
+    before_on = "" if meta.get("before_test") is None else f" (first {meta['before_test']:,} test images)"
     lines = [f"# Channel pruning to half the FLOPs: criteria and schedules ({s.title})", "",
              f"Dense model: test accuracy {meta['dense']:.2f}%. `pruning.channel` at ratio "
              f"{meta['ratio']:.2f} (the smallest that leaves <= 50% of the FLOPs: {meta['share']:.3f}), "
              f"the logits layer ignored; fine-tuning on {meta['train']} training images for "
              f"{meta['epochs']} epochs in total (Adam, lr {s.lr:g}, batch {s.batch}, cosine), same data order "
              "everywhere. Iterative: 3 prune -> train rounds compounding to the same width.", "",
-             "| variant | rounds | FLOPs / dense | accuracy after prune (no training) | accuracy after fine-tune | "
+             f"| variant | rounds | FLOPs / dense | accuracy after prune, no training{before_on} | accuracy after fine-tune | "
              "drop vs dense | drop vs dense fine-tuned | minutes | measured |", "|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         if name not in state:
@@ -142,7 +144,8 @@ def render(s: Setting, state: dict[str, Any]) -> str:
     lines += ["", "Target (issue 12): drop <= 1 point at 50% of the FLOPs removed.",
               f"Machine: {platform.processor() or platform.machine()}, shared 2 cores (load average "
               f"{os.getloadavg()[0]:.1f} when written); torch {torch.__version__}. Reproduce: "
-              f"`python bench/pruning_accuracy.py{s.flags} --epochs {meta['epochs']} --train {meta['train']}`.", ""]
+              f"`python bench/pruning_accuracy.py{s.flags} --epochs {meta['epochs']} --train {meta['train']}"
+              + ("" if meta.get("before_test") is None else f" --before-test {meta['before_test']}") + "`.", ""]
     return "\n".join(lines)
 
 
@@ -152,6 +155,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--train", type=int, default=20_000)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--before-test", type=int, default=None,
+                        help="score the un-fine-tuned one-shot models on only the first N test images")
     args = parser.parse_args()
     torch.set_num_threads(2)
     s = SETTINGS[args.model]
@@ -159,9 +164,10 @@ def main() -> None:
     state: dict[str, Any] = json.loads(s.state.read_text()) if s.state.is_file() else {}
     ratio, share = half_flops_ratio(s, test.tensors[0][:1])
     dense = state.get("meta", {}).get("dense") or 100 * accuracy(s.build(), test, batch_size=500)
-    state["meta"] = {"dense": dense, "ratio": ratio, "share": share, "epochs": args.epochs, "train": args.train}
+    state["meta"] = {"dense": dense, "ratio": ratio, "share": share, "epochs": args.epochs, "train": args.train,
+                     "before_test": args.before_test}
     for name in args.variants.split(","):
-        state[name] = run(s, name, ratio, args.epochs, train, test)
+        state[name] = run(s, name, ratio, args.epochs, train, test, args.before_test)
         print(name, state[name], flush=True)
         s.state.write_text(json.dumps(state, indent=1))
         DOC.write_text("\n".join(render(t, json.loads(t.state.read_text()))
