@@ -121,12 +121,17 @@ def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test:
     return row
 
 
+def len_test(meta: dict[str, Any]) -> str:
+    return "all 10,000" if meta.get("test") is None else f"the first {meta['test']:,}"
+
+
 def render(s: Setting, state: dict[str, Any]) -> str:
     meta = state["meta"]
     control = state.get("dense-finetuned")
     before_on = "" if meta.get("before_test") is None else f" (first {meta['before_test']:,} test images)"
     lines = [f"# Channel pruning to half the FLOPs: criteria and schedules ({s.title})", "",
-             f"Dense model: test accuracy {meta['dense']:.2f}%. `pruning.channel` at ratio "
+             f"Dense model: test accuracy {meta['dense']:.2f}% (on {len_test(meta)} test images). "
+             f"`pruning.channel` at ratio "
              f"{meta['ratio']:.2f} (the smallest that leaves <= 50% of the FLOPs: {meta['share']:.3f}), "
              f"the logits layer ignored; fine-tuning on {meta['train']} training images for "
              f"{meta['epochs']} epochs in total (Adam, lr {s.lr:g}, batch {s.batch}, cosine), same data order "
@@ -145,6 +150,7 @@ def render(s: Setting, state: dict[str, Any]) -> str:
               f"Machine: {platform.processor() or platform.machine()}, shared 2 cores (load average "
               f"{os.getloadavg()[0]:.1f} when written); torch {torch.__version__}. Reproduce: "
               f"`python bench/pruning_accuracy.py{s.flags} --epochs {meta['epochs']} --train {meta['train']}"
+              + ("" if meta.get("test") is None else f" --test {meta['test']}")
               + ("" if meta.get("before_test") is None else f" --before-test {meta['before_test']}") + "`.", ""]
     return "\n".join(lines)
 
@@ -155,17 +161,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--train", type=int, default=20_000)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--test", type=int, default=None, help="score on the first N test images (default all)")
     parser.add_argument("--before-test", type=int, default=None,
                         help="score the un-fine-tuned one-shot models on only the first N test images")
     args = parser.parse_args()
     torch.set_num_threads(2)
     s = SETTINGS[args.model]
-    train, test = s.data("train", args.train), s.data("test", None)
+    train, test = s.data("train", args.train), s.data("test", args.test)
     state: dict[str, Any] = json.loads(s.state.read_text()) if s.state.is_file() else {}
     ratio, share = half_flops_ratio(s, test.tensors[0][:1])
-    dense = state.get("meta", {}).get("dense") or 100 * accuracy(s.build(), test, batch_size=500)
+    known = state.get("meta", {})
+    dense = known["dense"] if known.get("test") == args.test and "dense" in known else \
+        100 * accuracy(s.build(), test, batch_size=500)
     state["meta"] = {"dense": dense, "ratio": ratio, "share": share, "epochs": args.epochs, "train": args.train,
-                     "before_test": args.before_test}
+                     "test": args.test, "before_test": args.before_test}
     for name in args.variants.split(","):
         state[name] = run(s, name, ratio, args.epochs, train, test, args.before_test)
         print(name, state[name], flush=True)
