@@ -266,3 +266,28 @@ def test_a_width_read_from_a_shape_is_kept_after_one_retry(tmp_path: Path) -> No
     ts.save(result, tmp_path / "run")
     torch.manual_seed(0)
     torch.testing.assert_close(ts.load(tmp_path / "run", build=Attention)(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first() -> None:
+    transformers = pytest.importorskip("transformers")
+    from torchslim.zoo.minilm import MiniLMEncoder
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = MiniLMEncoder(transformers.BertModel(config)).eval()
+    batch = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    doomed = torch.arange(0, 64, 4)  # a quarter of each FFN, made worthless
+    for layer in model.bert.encoder.layer:
+        with torch.no_grad():
+            layer.intermediate.dense.weight[doomed] = 0
+            layer.intermediate.dense.bias[doomed] = 0
+            layer.output.dense.weight[:, doomed] = 0
+    reference = model(batch)
+    cfg = ChannelPruningConfig(ratio=0.25, importance="l2", targets=(r"re:.*intermediate\.dense",))
+    out = ts.apply(model, cfg, ts.Context(example_inputs=batch, calib_data=[batch]))
+    for layer in out.model.bert.encoder.layer:
+        assert layer.intermediate.dense.weight.shape == (48, 32)
+        assert layer.output.dense.weight.shape == (32, 48)
+        assert layer.attention.self.query.weight.shape == (32, 32)  # attention untouched
+    torch.testing.assert_close(out.model(batch), reference, rtol=1e-5, atol=1e-5)

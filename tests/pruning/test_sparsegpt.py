@@ -126,3 +126,34 @@ def test_non_finite_activations_are_a_data_error_naming_the_layer() -> None:
     with pytest.raises(DataError, match="layers.0.qkv"):
         apply(model, SparseGPTPruningConfig(), Context(calib_data=token_batches()))
 
+
+
+def test_distillation_in_the_same_stage_keeps_the_zeros_and_moves_towards_the_teacher() -> None:
+    import copy
+
+    import torchslim as ts
+    from torchslim.distillation import LogitDistillationConfig
+    from torchslim.recipes import Recipe, Stage, TrainSpec
+
+    def kl_to(teacher: nn.Module, student: nn.Module, batches: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.kl_div(student(b).logits.log_softmax(-1), teacher(b).logits.softmax(-1),
+                                                        reduction="batchmean")) for b in batches)
+
+    dense, calib = tiny_llama(), token_batches(vocab=128, n=4)
+    oneshot = apply(copy.deepcopy(dense), SparseGPTPruningConfig(sparsity=0.5), Context(calib_data=calib)).model
+    surgery.finalize(oneshot)
+    stage = Stage(name="recover", methods=(SparseGPTPruningConfig(sparsity=0.5),
+                                           LogitDistillationConfig(temperature=1.0, alpha=1.0)),
+                  train=TrainSpec(steps=12, lr=3e-4, batch_size=2))
+    ctx = ts.Context(calib_data=calib, train_data=calib, progress=False)  # no labels: alpha 1 ignores them
+    recovered = ts.compress(copy.deepcopy(dense), Recipe(stages=(stage,), measure=()), ctx).model
+    for fqn, layer in recovered.named_modules():
+        if isinstance(layer, nn.Linear) and fqn.startswith("model.layers."):
+            assert not surgery.leftovers(recovered)
+            zeros = layer.weight == 0
+            assert int(zeros.sum()) == layer.weight.numel() // 2  # still exactly 50%
+            assert torch.equal(zeros, oneshot.get_submodule(fqn).weight == 0)  # the same zeros
+            assert not torch.equal(layer.weight, oneshot.get_submodule(fqn).weight)  # the kept weights trained
+    # random tokens carry nothing to generalize from: the KL is measured on the training batches
+    assert kl_to(dense, recovered, calib) < 0.6 * kl_to(dense, oneshot, calib)
