@@ -234,7 +234,11 @@ def render(saved: dict[str, Any], args: argparse.Namespace) -> str:
               "tried within the time limit.",
               "- The stem conversions cost accuracy for 3.6% of the FLOPs: Tucker-2 at flops 0.5 keeps ranks "
               "(3, 6) of (3, 32), separable m=1 replaces 32 full 3x3x3 filters by 3 depthwise ones; both feed "
-              "every later layer, and neither recovers to the DRONE-only row in 60 steps.", ""]
+              "every later layer, and neither recovers to the DRONE-only row in 60 steps.",
+              "- Half the FLOPs is no faster at batch 1 on this CPU (about 1.0x in every row): each factorised "
+              "1x1 conv becomes two smaller convs, so the layer count and per-call overhead rise while the "
+              "96x96 activations of a small network keep the run memory-bound. The FLOPs budget is met; a "
+              "latency gain would need larger batches or images, or a latency budget instead of FLOPs.", ""]
     for name, r in rows.items():
         if r["methods"]:
             lines.append(f"- {name}: {r['layers']} layers converted, FLOPs share of the selected layers "
