@@ -21,7 +21,7 @@ import copy
 import json
 import os
 import platform
-import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ from torchslim.distillation import (
 )
 from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import minilm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _minilm_distill import batches  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "distillation-minilm.md"
 STATE = DOC.with_suffix(".json")
@@ -64,18 +67,6 @@ def block_influence(teacher: nn.Module, tok: Any, sentences: list[str]) -> list[
             scores[i] += (1 - nn.functional.cosine_similarity(a, b, dim=-1)).sum()
     return (scores / sum(int(minilm.tokenize(tok, sentences[s:s + 64])[1].sum())
                          for s in range(0, len(sentences), 64))).tolist()
-
-
-def batches(tok: Any, sentences: list[str], batch_size: int, seed: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Length-bucketed, dynamically padded batches in a seeded order (targets unused: no labels)."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    random.Random(seed).shuffle(chunks)
-    out = []
-    for chunk in chunks:
-        ids, mask = minilm.tokenize(tok, [sentences[i] for i in chunk])
-        out.append(({"input_ids": ids, "attention_mask": mask}, torch.zeros(len(chunk), dtype=torch.long)))
-    return out
 
 
 def score(model: nn.Module, tok: Any, reference: dict[str, torch.Tensor], teacher: nn.Module) -> dict[str, float]:

@@ -157,6 +157,11 @@ def run_recover(s: Setup, steps: int, lr: float) -> dict[str, Any]:
                            "oneshot_s": seconds["pruning.sparsegpt"], "train_s": seconds["distillation.logits"],
                            "steps": steps, "lr": lr, "threads": torch.get_num_threads(), "peak_rss_mb": peak.peak_mb,
                            "sparsity": _decoder_sparsity(model), "layer_sparsity_min": low, "layer_sparsity_max": high}
+    return _scored(row, model, s)
+
+
+def _scored(row: dict[str, Any], model: nn.Module, s: Setup) -> dict[str, Any]:
+    """``row`` plus perplexity on the evaluation windows, its time and the process's peak RSS."""
     started = time.perf_counter()
     row["ppl"] = llm.perplexity(model, s.eval_windows)
     row["eval_s"] = time.perf_counter() - started
@@ -179,12 +184,7 @@ def run_one(name: str, cfg: MethodConfig | None, s: Setup) -> dict[str, Any]:
             model = s.model
     row["peak_rss_mb"] = peak.peak_mb
     row["sparsity"] = _decoder_sparsity(model)
-    started = time.perf_counter()
-    row["ppl"] = llm.perplexity(model, s.eval_windows)
-    row["eval_s"] = time.perf_counter() - started
-    row["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    logging.getLogger("bench").info("%s", row)
-    return row
+    return _scored(row, model, s)
 
 
 def _versions() -> str:
