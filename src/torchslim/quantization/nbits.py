@@ -33,22 +33,14 @@ def exports_as_nbits(bits: int, group_size: int) -> bool:
     return bits in (4, 8) and group_size >= 16 and group_size & (group_size - 1) == 0
 
 
-def _dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int,
-                bits: int) -> torch.Tensor:
-    out_f, groups = scale.shape
-    if bits == 4:
-        codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(out_f, in_features)
-    else:
-        codes = packed
-    w = (codes.reshape(out_f, groups, in_features // groups).float() - zero[..., None]) * scale[..., None]
-    return w.reshape(out_f, in_features)
-
-
 @torch.library.custom_op("torchslim::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  in_features: int, bits: int) -> torch.Tensor:
     """``x @ W.T`` for ``W = (codes - zero) * scale`` per group; ``packed`` as ``WeightOnlyLinear.packed``."""
-    return F.linear(x, _dequantize(packed, scale, zero, in_features, bits).to(x.dtype))
+    from torchslim.quantization.packed import dequantize_groups, unpack_codes  # packed imports this module
+
+    weight = dequantize_groups(unpack_codes(packed, bits, in_features), scale, zero)
+    return F.linear(x, weight.to(x.dtype))
 
 
 @matmul_nbits.register_fake
