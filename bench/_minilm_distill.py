@@ -49,26 +49,29 @@ def recipe(epochs: int, lr: float, hidden_weight: float) -> Recipe:
     return Recipe(stages=(Stage(name="distill", methods=methods, train=spec),), measure=())
 
 
-def _run(student: nn.Module, teacher: nn.Module, data: list[Any], epochs: int, lr: float,
-         hidden_weight: float) -> nn.Module:
-    ctx = ts.Context(train_data=data, example_inputs=data[0][0], teacher=teacher, seed=0, progress=False)
+def _run(student: nn.Module, teacher: nn.Module, data: Any, example: dict[str, torch.Tensor], epochs: int,
+         lr: float, hidden_weight: float) -> nn.Module:
+    ctx = ts.Context(train_data=data, example_inputs=example, teacher=teacher, seed=0, progress=False)
     return ts.compress(student, recipe(epochs, lr, hidden_weight), ctx).model
 
 
 def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr: float,
-            hidden_weight: float = 1.0) -> tuple[nn.Module, dict[str, float]]:
+            hidden_weight: float = 1.0, augment: bool = False) -> tuple[nn.Module, dict[str, float]]:
     """``student`` distilled from ``teacher`` on Lee background sentences within ``minutes``.
 
     Copies of the student first train on 2 and on 10 batches: their difference times a batch,
     the rest is the fixed cost of a run (hooks, probes, the record). The epochs are then the whole
-    ones that fit in what is left of the budget (at least one).
+    ones that fit in what is left of the budget (at least one). ``augment`` trains on fresh
+    ``Augmented`` variants of the sentences every epoch instead of the same batches.
     """
     started = time.perf_counter()
-    data = batches(tok, list(minilm.lee_background_sentences()))
+    sentences = list(minilm.lee_background_sentences())
+    data = batches(tok, sentences)
+    example = data[0][0]
     took = []
     for n in (2, 10):
         probe = time.perf_counter()
-        _run(copy.deepcopy(student), teacher, data[:n], 1, lr, hidden_weight)
+        _run(copy.deepcopy(student), teacher, data[:n], example, 1, lr, hidden_weight)
         took.append(time.perf_counter() - probe)
     per_batch = max((took[1] - took[0]) / 8, 1e-3)
     fixed = max(took[0] - 2 * per_batch, 0.0)
@@ -76,9 +79,10 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
     epochs = max(int(0.95 * left / (per_batch * len(data))), 1)
     print(f"{per_batch:.3f} s per batch + {fixed:.1f} s per run, {len(data)} batches -> {epochs} epochs "
           f"in {minutes} minutes", flush=True)
-    model = _run(student, teacher, data, epochs, lr, hidden_weight)
+    train = Augmented(tok, sentences) if augment else data
+    model = _run(student, teacher, train, example, epochs, lr, hidden_weight)
     return model.eval(), {"minutes": (time.perf_counter() - started) / 60, "epochs": float(epochs),
-                          "lr": lr, "hidden_weight": hidden_weight}
+                          "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment)}
 
 
 def score(model: nn.Module, original: nn.Module, tok: Any, reference: torch.Tensor,
@@ -88,3 +92,37 @@ def score(model: nn.Module, original: nn.Module, tok: Any, reference: torch.Tens
     out = {**minilm.evaluate_minilm(model, tok), "mr_cosine": minilm.mr_fidelity(model, tok, reference)}
     out["speedup"] = minilm.encode_speedup(original, model, tok) if speed else float("nan")
     return out
+
+
+class Augmented:
+    """Fresh variants of the training sentences on every pass, batched like ``batches``.
+
+    Each sentence becomes, with probability ``crop``, a random contiguous span of at least 30% of
+    its words, and then each word is replaced with probability ``replace`` by a random whole word
+    of the tokenizer's vocabulary (TinyBERT-style augmentation without a masked-LM). The student
+    so meets every word embedding in context, not only the ~10k words of the Lee corpus; no
+    evaluation text is read.
+    """
+
+    def __init__(self, tok: Any, sentences: list[str], batch_size: int = 32, seed: int = 0,
+                 crop: float = 0.5, replace: float = 0.1) -> None:
+        self.tok, self.sentences, self.batch_size, self.seed = tok, sentences, batch_size, seed
+        self.crop, self.replace, self.passes = crop, replace, 0
+        self.words = sorted(w for w in tok.get_vocab() if w.isalpha() and len(w) >= 3)
+
+    def __len__(self) -> int:
+        return -(-len(self.sentences) // self.batch_size)
+
+    def variant(self, sentence: str, rng: random.Random) -> str:
+        words = sentence.split()
+        if rng.random() < self.crop and len(words) > 4:
+            size = rng.randint(max(4, int(0.3 * len(words))), len(words))
+            start = rng.randint(0, len(words) - size)
+            words = words[start:start + size]
+        return " ".join(rng.choice(self.words) if rng.random() < self.replace else w for w in words)
+
+    def __iter__(self) -> Any:
+        rng = random.Random(self.seed * 7919 + self.passes)
+        self.passes += 1
+        variants = [self.variant(s, rng) for s in self.sentences]
+        return iter(batches(self.tok, variants, self.batch_size, seed=self.seed + self.passes))

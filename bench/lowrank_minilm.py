@@ -49,12 +49,15 @@ def main() -> None:
                         help="run the distilled section instead, with this wall-clock budget")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
+    parser.add_argument("--augment", action="store_true",
+                        help="fresh cropped / word-replaced variants of the sentences every epoch")
     parser.add_argument("--note", default="", help="a line of notes for the distilled table")
     parser.add_argument("--explore", action="store_true",
                         help="short look: no speed-up, nothing written")
     parser.add_argument("--dry", action="store_true", help="print, do not write the doc")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.distill_minutes > 0:
         distilled_section(args)
         return
@@ -83,7 +86,7 @@ def main() -> None:
     lines += ["", "Reference (issue 16, measured earlier on this machine): plain SVD 1.56x, cosine 0.47, Lee 0.453; "
               "a simple data-aware output projection 1.45x, cosine 0.71, Lee 0.526, WS 0.696.",
               f"Reproduce: `python bench/lowrank_minilm.py --rank {args.rank}`. Machine: "
-              f"{platform.processor() or platform.machine()}, 2 threads, shared (load average "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Speed-up: original / factorised latency "
               "at batch 8 x 128 tokens, measured alternately, median of 5 rounds.", END]
     write_section(lines, START, END)
@@ -145,10 +148,12 @@ def distilled_section(args: argparse.Namespace) -> None:
         print(name, rows[name], flush=True)
     student = outcome.model
     layer_ranks = {f: int(v["rank"]) for f, v in outcome.record.outcomes[0].layers.items() if "rank" in v}
-    student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight)
+    student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight,
+                               args.augment)
     name = f"lowrank.drone energy {energy:.4f} + distilled"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore),
-                  "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"}
+                  "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"
+                 + (", augmented" if args.augment else "")}
     print(name, rows[name], flush=True)
     if not (args.dry or args.explore):
         write_section(distilled_lines(args, rows, energy, layer_ranks), DSTART, DEND)
@@ -162,7 +167,9 @@ def distilled_lines(args: argparse.Namespace, rows: dict, energy: float, ranks: 
              f"Ranks (FFN in / out Linear per layer) from one energy share {energy:.4f} of each layer's "
              f"data-aware spectrum on 512 Lee background sentences, the largest share whose FFN "
              f"multiply-adds in total are at most those of rank {args.rank} everywhere (the table above): {short}. Distillation from the "
-             "original on the 2,573 Lee background sentences (cosine on the sentence embedding + cosine "
+             "original on the 2,573 Lee background sentences (augmented: each epoch a fresh random crop of half "
+             "of them and 10% of words replaced by random vocabulary words, when the training column says so; "
+             "cosine on the sentence embedding + cosine "
              f"on the 6 layers' hidden states, weight {args.hidden_weight:g}; AdamW, cosine schedule), "
              "budget including a timing pass.", "",
              "| model | encode speed-up | MR cosine | Lee Pearson | % of original | WS-353 | % of original "
@@ -174,8 +181,9 @@ def distilled_lines(args: argparse.Namespace, rows: dict, energy: float, ranks: 
     lines += ["", "Targets (issue 16): >= 1.5x faster, MR cosine >= 0.90, Lee Pearson and WS-353 each >= 95% of "
               "the original's, <= 30 minutes of distillation on 2 cores.", *([args.note] if args.note else []),
               f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/lowrank_minilm.py --rank {args.rank} "
-              f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}`. Machine: "
-              f"{platform.processor() or platform.machine()}, 2 threads, shared (load average "
+              f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
+            f"Machine: "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", DEND]
     return lines
 

@@ -50,11 +50,14 @@ def main() -> None:
     parser.add_argument("--distill-minutes", type=float, default=30.0)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
+    parser.add_argument("--augment", action="store_true",
+                        help="fresh cropped / word-replaced variants of the sentences every epoch")
     parser.add_argument("--note", default="", help="a line of notes for the table")
     parser.add_argument("--explore", action="store_true", help="short look: no speed-up, nothing written")
     parser.add_argument("--dry", action="store_true", help="print, do not write the doc")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tok, original = minilm.load_minilm_tokenizer(), minilm.load_minilm()
     reference = minilm.encode(original, tok, minilm.mr_sentences())
     rows: dict[str, dict[str, Any]] = {
@@ -64,10 +67,12 @@ def main() -> None:
     name = f"shared layers + embedding E={args.rank}"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore), "params": params(student), "train": "-"}
     print(name, rows[name], flush=True)
-    student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight)
+    student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight,
+                               args.augment)
     rows[name + " + distilled"] = {
         **md.score(student, original, tok, reference, not args.explore), "params": params(student),
-        "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"}
+        "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"
+                 + (", augmented" if args.augment else "")}
     print(name + " + distilled", rows[name + " + distilled"], flush=True)
     if not (args.dry or args.explore):
         write(lines(args, rows))
@@ -78,7 +83,8 @@ def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str
     out = [START, f"## ALBERT-style all-MiniLM-L6-v2: one shared layer, factorised embedding (E={args.rank})", "",
            "`sharing.cross_layer` (share: all, groups: 1, init: mean) + `sharing.embedding` "
            f"(rank: {args.rank}; word and position tables), then distilled from the original on the 2,573 Lee "
-           "background sentences (cosine on the sentence embedding + cosine on the 6 layers' hidden states, "
+           "background sentences (augmented: each epoch a fresh random crop of half of them and 10% of words "
+           "replaced by random vocabulary words, when the training column says so; cosine on the sentence embedding + cosine on the 6 layers' hidden states, "
            f"weight {args.hidden_weight:g}; AdamW, cosine schedule), budget including a timing pass. "
            "Parameters are unique ones (a shared weight counts once).", "",
            "| model | parameters | fewer | MR cosine | Lee Pearson | % of original | WS-353 | % of original "
@@ -92,8 +98,9 @@ def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str
             "Sharing saves compute nowhere (every token still runs 6 layers), so the speed-up stays near 1x.",
             *([args.note] if args.note else []),
             f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/sharing_albert_minilm.py --rank {args.rank} "
-            f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}`. Machine: "
-            f"{platform.processor() or platform.machine()}, 2 threads, shared (load average "
+            f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
+            f"Machine: "
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
             f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", END]
     return out
 

@@ -79,6 +79,28 @@ def test_adversarial_step_trains_only_the_generator(teacher: nn.Module) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
+def test_replay_adds_past_samples_with_their_own_teacher_logits(teacher: nn.Module) -> None:
+    method = DataFreeDistillation(DataFreeConfig(batch_size=16, replay=40))
+    torch.manual_seed(0)
+    method.attach(build_generator((1, 8, 8), 64), teacher)
+    first = method.generator_step()
+    assert first.shape[0] == 16  # nothing to replay yet
+    made = [first]
+    for _ in range(4):
+        batch = method.generator_step()
+        made.append(batch[:16])
+        assert batch.shape[0] == 32
+        past = batch[16:]  # each replayed sample is one the generator made before this step
+        earlier = torch.cat(made[:-1]).flatten(1)
+        assert all((earlier == row.flatten()).all(dim=1).any() for row in past)
+        assert method._last is not None and method._last[0] is batch
+        with torch.no_grad():
+            torch.testing.assert_close(method._last[1], teacher(batch), atol=1e-5, rtol=1e-5)
+    assert method._memory is not None and method._memory[0].shape[0] == 40  # ring of 40: oldest overwritten
+    kept = method._memory[0].flatten(1)
+    assert not any((kept == row.flatten()).all(dim=1).any() for row in made[0])  # 80 made, first 16 gone
+
+
 def test_data_free_student_agrees_with_the_teacher_and_samples_calibrate_ptq(
         teacher: nn.Module, tmp_path: Path) -> None:
     test = digits("test")

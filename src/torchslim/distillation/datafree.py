@@ -55,6 +55,9 @@ class DataFreeConfig(MethodConfig):
         epoch_steps: Steps that make one epoch of the stage: ``train: {}`` (1 epoch) runs this
             many; ``train.epochs`` multiplies it and ``train.steps`` replaces it.
         samples: Synthetic samples written at the end of the stage.
+        replay: Past generated samples kept (with the teacher's logits) in a ring buffer; each
+            student step adds ``batch_size`` of them, drawn at random, to the fresh batch, so the
+            student keeps what earlier generator states showed it. 0 turns it off.
 
     Recipe:
         - method: distillation.datafree
@@ -67,7 +70,8 @@ class DataFreeConfig(MethodConfig):
             ``(B, F)``) and returns an endless stream of ``epoch_steps`` batches per epoch.
             Each batch first takes one generator step (one-hot + activation + entropy + BN
             prior [+ KL] [- disagreement]), then yields the same samples, detached, for the
-            student step: generator and student alternate every step.
+            student step (plus ``batch_size`` replayed past samples when ``replay`` > 0):
+            generator and student alternate every step.
         extra_loss: ``T^2 * KL`` between the teacher's and the student's softened outputs
             (task loss weight 0).
         on_end: writes ``samples`` generated inputs with the teacher's labels to
@@ -83,7 +87,8 @@ class DataFreeConfig(MethodConfig):
         over dimensions (weight 1), on top of the same teacher-derived terms. The teacher must
         be a classifier with ``(B, classes)`` logits taking float inputs; token inputs cannot be
         generated. With real training data in the stage the method is plain soft-target
-        distillation. Under DistributedDataParallel each process trains its own generator.
+        distillation. The replay buffer is not checkpointed: a resumed stage refills it. Under
+        DistributedDataParallel each process trains its own generator.
     """
 
     name: ClassVar[str] = _NAME
@@ -98,6 +103,7 @@ class DataFreeConfig(MethodConfig):
     bn_weight: float = 1.0
     epoch_steps: int = 500
     samples: int = 1024
+    replay: int = 0
 
     def __post_init__(self) -> None:
         check(self.generator in ("gan", "vae"),
@@ -108,6 +114,7 @@ class DataFreeConfig(MethodConfig):
         check(self.batch_size >= 2, f"{_NAME}: batch_size must be >= 2 (the generator has BatchNorm)")
         check(min(self.activation_weight, self.entropy_weight, self.bn_weight) >= 0,
               f"{_NAME}: loss weights must be >= 0")
+        check(self.replay >= 0, f"{_NAME}: replay must be >= 0 samples, got {self.replay}")
 
 
 class _Stream:
@@ -140,6 +147,8 @@ class DataFreeDistillation(TrainedMethod):
         self._student: nn.Module | None = None
         self._taps: TeacherTaps | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # replay ring: inputs, logits
+        self._seen = 0
         self.history: list[dict[str, float]] = []
         self.samples: torch.utils.data.TensorDataset | None = None
 
@@ -207,9 +216,26 @@ class DataFreeDistillation(TrainedMethod):
         loss.backward(inputs=params)  # type: ignore[no-untyped-call]  # the student is left alone
         self._opt.step()
         self.history.append(terms)
-        samples: torch.Tensor = x.detach()
-        self._last = (samples, logits.detach())
+        samples, targets = self._replayed(x.detach(), logits.detach())
+        self._last = (samples, targets)
         return samples
+
+    def _replayed(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fresh batch, plus as many random past samples when ``replay`` is on; stores the fresh one."""
+        size = self.cfg.replay
+        if size == 0:
+            return x, logits
+        if self._memory is None:
+            self._memory = (x.new_empty(size, *x.shape[1:]), logits.new_empty(size, *logits.shape[1:]))
+        memory, filled = self._memory, min(self._seen, size)
+        out = (x, logits)
+        if filled > 0:
+            pick = torch.randint(filled, (len(x),), device=x.device)
+            out = (torch.cat([x, memory[0][pick]]), torch.cat([logits, memory[1][pick]]))
+        slots = (self._seen + torch.arange(len(x), device=x.device)) % size
+        memory[0][slots], memory[1][slots] = x, logits
+        self._seen += len(x)
+        return out
 
     def task_weight(self) -> float:
         return 0.0  # generated samples have no labels; real labels are left to distillation.logits
@@ -253,7 +279,7 @@ class DataFreeDistillation(TrainedMethod):
             if ctx.workdir is not None:
                 title = f"{_NAME} ({self.cfg.generator}): samples and teacher classes"
                 save_samples(ctx.workdir, "datafree-samples", x, y, title)
-        self._teacher = self._student = self._taps = self._last = None
+        self._teacher = self._student = self._taps = self._last = self._memory = None
         return Outcome(model=model, stats=stats)
 
     def state_dict(self) -> dict[str, Any]:
