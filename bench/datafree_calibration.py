@@ -40,14 +40,16 @@ def _int8_accuracy(model: torch.nn.Module, calib: torch.Tensor, test: Any) -> di
 
 
 def _rows(label: str, model: torch.nn.Module, real: torch.Tensor, noise: torch.Tensor, test: Any,
-          samples: int, iterations: int) -> list[str]:
+          samples: int, iterations: int, input_range: tuple[float, float] | None = None) -> list[str]:
     started = time.perf_counter()
-    inverted = synthesize(model, real[:1], InversionConfig(samples=samples, batch_size=min(samples, 128),
-                                                            iterations=iterations), seed=0).tensors[0]
+    cfg = InversionConfig(samples=samples, batch_size=min(samples, 128), iterations=iterations,
+                          input_range=input_range)
+    inverted = synthesize(model, real[:1], cfg, seed=0).tensors[0]
     minutes = (time.perf_counter() - started) / 60
     fp32 = 100 * accuracy(model, test)
+    bounded = f", input_range {list(input_range)}" if input_range else ""
     results = {"real training images": _int8_accuracy(model, real, test),
-               f"DeepInversion images ({iterations} steps, {minutes:.1f} min, no real data)":
+               f"DeepInversion images ({iterations} steps{bounded}, {minutes:.1f} min, no real data)":
                    _int8_accuracy(model, inverted, test),
                "random noise": _int8_accuracy(model, noise, test)}
     lines = [f"## {label}", "", f"fp32 test accuracy {fp32:.2f}%.", "",
@@ -86,7 +88,8 @@ def main() -> None:
     ptrain = mobilenet.fashion_probe_data("train", args.samples).tensors[0]
     pnoise = torch.rand(args.samples, *ptrain.shape[1:], generator=g)  # gray images in [0, 1]
     lines += _rows("MobileNetV2 (ImageNet) + Fashion-MNIST probe, 96x96", probe, ptrain, pnoise,
-                   head(mobilenet.fashion_probe_data("test"), min(args.test, 2000)), args.samples, args.iterations)
+                   head(mobilenet.fashion_probe_data("test"), min(args.test, 2000)), args.samples, args.iterations,
+                   input_range=(0.0, 1.0))  # the probe takes gray images in [0, 1] and normalises them itself
     lines += [f"Machine: {platform.processor() or platform.machine()}, shared 2 cores (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Reproduce: "
               f"`python bench/datafree_calibration.py --samples {args.samples} --iterations {args.iterations}`.", ""]

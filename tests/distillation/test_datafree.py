@@ -101,6 +101,27 @@ def test_replay_adds_past_samples_with_their_own_teacher_logits(teacher: nn.Modu
     assert not any((kept == row.flatten()).all(dim=1).any() for row in made[0])  # 80 made, first 16 gone
 
 
+def test_augment_flips_and_shifts_the_students_batch_and_relabels_it(teacher: nn.Module) -> None:
+    import copy
+
+    batches = []
+    generator = build_generator((1, 8, 8), 64)
+    for augment in (False, True):
+        method = DataFreeDistillation(DataFreeConfig(batch_size=16, replay=0, augment=augment))
+        method.attach(copy.deepcopy(generator), teacher)
+        torch.manual_seed(0)
+        batches.append(method.generator_step())
+    raw, augmented = batches
+    assert method._last is not None
+    with torch.no_grad():
+        torch.testing.assert_close(method._last[1], teacher(augmented), atol=1e-5, rtol=1e-5)
+    padded = [nn.functional.pad(v, (2, 2, 2, 2), mode="replicate") for v in (raw, raw.flip(-1))]
+    for i in range(len(raw)):  # each image is one of its 2 x 25 flipped / shifted versions
+        options = [p[i, :, dy:dy + 8, dx:dx + 8] for p in padded for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(augmented[i], o) for o in options), i
+    assert not torch.equal(raw, augmented)
+
+
 def test_data_free_student_agrees_with_the_teacher_and_samples_calibrate_ptq(
         teacher: nn.Module, tmp_path: Path) -> None:
     test = digits("test")

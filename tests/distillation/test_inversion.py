@@ -8,7 +8,7 @@ from torch import nn
 
 import torchslim as ts
 from torchslim.distillation.inversion import InversionConfig, synthesize
-from torchslim.errors import UnsupportedModuleError
+from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import digits
 
@@ -68,3 +68,21 @@ def test_a_teacher_without_batchnorm_is_refused() -> None:
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(UnsupportedModuleError, match="BatchNorm"):
         synthesize(mlp, torch.randn(1, 1, 8, 8), InversionConfig(samples=4))
+
+
+def test_input_range_keeps_inverted_inputs_valid_and_still_fits_the_classes(teacher: nn.Module) -> None:
+    example = digits("test").tensors[0][:1]
+    free = synthesize(teacher, example, InversionConfig(samples=40, batch_size=40, iterations=60), seed=0)
+    assert float(free.tensors[0].min()) < -0.5 or float(free.tensors[0].max()) > 1.5  # unbounded drifts out
+    cfg = InversionConfig(samples=40, batch_size=40, iterations=60, input_range=[-0.5, 1.5])  # type: ignore[arg-type]
+    assert cfg.input_range == (-0.5, 1.5)
+    x, y = synthesize(teacher, example, cfg, seed=0).tensors
+    assert float(x.min()) >= -0.5 and float(x.max()) <= 1.5
+    with torch.no_grad():  # narrower than the data's own range (-0.81 to 1.85), yet most fit their class
+        assert float((teacher(x).argmax(1) == y).float().mean()) > 0.7
+
+
+@pytest.mark.parametrize("bad", [[1.0, 0.0], [0.0], "0-1", [0.0, "1"]])
+def test_a_malformed_input_range_is_named(bad: object) -> None:
+    with pytest.raises(ConfigError, match="input_range must be \\[low, high\\]"):
+        InversionConfig(input_range=bad)  # type: ignore[arg-type]

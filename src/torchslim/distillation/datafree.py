@@ -63,6 +63,7 @@ class DataFreeConfig(MethodConfig):
         - method: distillation.datafree
           generator: gan
           bn_weight: 1.0
+          replay: 8192
 
     Lifecycle:
         synthesize: only when the stage has no training data: builds the generator for the
@@ -103,7 +104,8 @@ class DataFreeConfig(MethodConfig):
     bn_weight: float = 1.0
     epoch_steps: int = 500
     samples: int = 1024
-    replay: int = 0
+    replay: int = 8192
+    augment: bool = False
 
     def __post_init__(self) -> None:
         check(self.generator in ("gan", "vae"),
@@ -217,6 +219,10 @@ class DataFreeDistillation(TrainedMethod):
         self._opt.step()
         self.history.append(terms)
         samples, targets = self._replayed(x.detach(), logits.detach())
+        if self.cfg.augment and samples.dim() == 4 and self._teacher is not None:
+            samples = _flip_shift(samples)
+            with torch.no_grad():
+                targets = logits_of(self._teacher(samples), _NAME)
         self._last = (samples, targets)
         return samples
 
@@ -299,3 +305,19 @@ class DataFreeDistillation(TrainedMethod):
         if self.latent is not None:
             self.latent.load_state_dict(state["latent"])
         self._opt.load_state_dict(state["optimizer"])
+
+
+def _flip_shift(x: torch.Tensor, shift: int = 2) -> torch.Tensor:
+    """Each image flipped left-right with probability 1/2 and moved by up to ``shift`` pixels
+    (edge-replicated padding, then a random crop back to the original size)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    index = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[index, channels, rows, cols]
+

@@ -41,11 +41,16 @@ class InversionConfig(MethodConfig):
         l2_weight: Weight of the L2 image prior.
         jitter: Random shift, in pixels, applied at every step.
         temperature: Soft-target temperature of the distillation loss on the synthetic inputs.
+        input_range: ``[low, high]`` of valid input values (e.g. ``[0, 1]`` for images the
+            model normalises itself): inputs start as uniform noise in it and are clipped to it
+            after every step, as DeepInversion clips to valid pixels. None: unbounded, from
+            N(0, 1) noise (inputs already standardised).
 
     Recipe:
         - method: distillation.inversion
           samples: 4096
           iterations: 200
+          input_range: [0, 1]
 
     Lifecycle:
         synthesize: only when the stage has no training data: ``samples`` inputs shaped like
@@ -74,6 +79,7 @@ class InversionConfig(MethodConfig):
     l2_weight: float = 1e-5
     jitter: int = 2
     temperature: float = 4.0
+    input_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         check(self.samples >= 1 and self.batch_size >= 1 and self.iterations >= 0,
@@ -81,6 +87,12 @@ class InversionConfig(MethodConfig):
         check(self.lr > 0 and self.temperature > 0, f"{_NAME}: lr and temperature must be > 0")
         check(min(self.bn_weight, self.tv_weight, self.l2_weight) >= 0 and self.jitter >= 0,
               f"{_NAME}: loss weights and jitter must be >= 0")
+        if self.input_range is not None:
+            bounds = tuple(self.input_range) if isinstance(self.input_range, (list, tuple)) else ()
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
+            check(len(bounds) == 2 and numbers and bounds[0] < bounds[1],
+                  f"{_NAME}: input_range must be [low, high] with low < high; found {self.input_range!r}")
+            object.__setattr__(self, "input_range", (float(bounds[0]), float(bounds[1])))
 
 
 def _bn_layers(teacher: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -105,7 +117,11 @@ def _invert_batch(teacher: nn.Module, shape: tuple[int, ...], labels: torch.Tens
         stats.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
 
     handles = [bn.register_forward_pre_hook(hook) for bn in bns]
-    x = torch.randn(shape, generator=generator).requires_grad_(True)
+    if cfg.input_range is None:
+        x = torch.randn(shape, generator=generator).requires_grad_(True)
+    else:
+        low, high = cfg.input_range
+        x = (low + (high - low) * torch.rand(shape, generator=generator)).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     try:
         for _ in range(cfg.iterations):
@@ -120,6 +136,9 @@ def _invert_batch(teacher: nn.Module, shape: tuple[int, ...], labels: torch.Tens
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
+            if cfg.input_range is not None:
+                with torch.no_grad():
+                    x.clamp_(*cfg.input_range)
     finally:
         for h in handles:
             h.remove()
