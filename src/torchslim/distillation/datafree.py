@@ -57,7 +57,13 @@ class DataFreeConfig(MethodConfig):
         samples: Synthetic samples written at the end of the stage.
         replay: Past generated samples kept (with the teacher's logits) in a ring buffer; each
             student step adds ``batch_size`` of them, drawn at random, to the fresh batch, so the
-            student keeps what earlier generator states showed it. 0 turns it off.
+            student keeps what earlier generator states showed it (fashion_cnn, 3000 steps:
+            83.7% with 8192, 82.3% without, for 1.3x the time per step). 0 turns it off.
+        augment: Image inputs only: the student's batch is flipped left-right and shifted by up
+            to 2 pixels per sample, and the teacher labels the shifted samples again (its
+            forward runs once more per step), so the student meets more of the teacher's function
+            than the generator's outputs alone show. Off by default: on fashion_cnn (3000 steps,
+            replay 8192) it gave 82.7% against 83.7% without.
 
     Recipe:
         - method: distillation.datafree
