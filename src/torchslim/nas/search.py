@@ -59,12 +59,12 @@ class NASSearchConfig(MethodConfig):
         storage: Optuna storage URL shared by workers; SQLite ``<workdir>/nas.db`` by default,
             in memory without a workdir.
         study_name: Workers with the same storage and study name join one study.
+        latency_budget_ms: The returned model is the most accurate trial at or under this
+            latency; the most accurate trial overall when unset.
         heartbeat_s: On a server storage (PostgreSQL), seconds between the heartbeats a
             running trial records.
         grace_period_s: On a server storage, seconds without a heartbeat after which a
             running trial counts as lost (its worker was killed) and is marked failed.
-        latency_budget_ms: The returned model is the most accurate trial at or under this
-            latency; the most accurate trial overall when unset.
 
     Recipe:
         - method: nas.search
