@@ -15,14 +15,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 import torchslim
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 
 RECIPE = """
 version: 1
@@ -74,7 +76,8 @@ def postgres_url() -> Iterator[str]:
     data, port = root / "data", _free_port()
 
     def run(*cmd: str) -> None:
-        subprocess.run([*as_server, *cmd], check=True, capture_output=True, timeout=120)
+        done = subprocess.run([*as_server, *cmd], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
     started = False
     try:
@@ -100,12 +103,14 @@ def _worker(recipe: Path, url: str, number: int, log: Path) -> subprocess.Popen[
     src = str(Path(torchslim.__file__).resolve().parents[1])  # this checkout, not an installed copy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe),
-                             "--storage", url, "--worker", str(number)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe),
+                                 "--storage", url, "--worker", str(number)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
-def _wait_for(predicate, timeout: float, what: str, procs: list[subprocess.Popen[bytes]]):  # type: ignore[no-untyped-def]
+def _wait_for(predicate: Callable[[], T | None], timeout: float, what: str,
+              procs: list[subprocess.Popen[bytes]]) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
@@ -114,7 +119,7 @@ def _wait_for(predicate, timeout: float, what: str, procs: list[subprocess.Popen
         if any(p.poll() is not None for p in procs):
             break
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"no {what} within {timeout} s; worker exit codes {[p.poll() for p in procs]}")
 
 
 def test_killed_worker_loses_no_completed_trial(postgres_url: str, tmp_path: Path) -> None:
@@ -144,7 +149,7 @@ def test_killed_worker_loses_no_completed_trial(postgres_url: str, tmp_path: Pat
                 return None
             return next((t for t in mine if t.state == TrialState.RUNNING), None)
 
-        killed = _wait_for(victim_running, 60, "the second worker's second trial", [survivor, victim])
+        killed = _wait_for(victim_running, 60, "running second trial of the second worker", [survivor, victim])
         before = {t.number: t.values for t in trials() if t.state == TrialState.COMPLETE}
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
