@@ -18,6 +18,7 @@ import contextlib
 import os
 import platform
 import pwd
+import resource
 import shutil
 import socket
 import statistics
@@ -112,22 +113,28 @@ def run(recipe: Path, url: str, mode: str, out: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}  # one thread per worker process: the runs differ in processes only
     cmd = [sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe), "--storage", url]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     joiner = subprocess.Popen([*cmd, "--worker", "1"], env=env, start_new_session=True) if mode == "2s" else None
     subprocess.run([*cmd, "--workers", "2" if mode == "2" else "1", "--out", str(out)], check=True, env=env,
                    start_new_session=True)
     if joiner is not None and joiner.wait() != 0:
         raise SystemExit(f"the joining worker failed with exit code {joiner.returncode}")
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _children_cpu() - cpu
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = optuna.load_study(study_name="torchslim-nas", storage=url).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     busy = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete]
     span = (max(t.datetime_complete for t in complete) - min(t.datetime_start for t in complete)).total_seconds()
-    return {"wall": wall, "complete": len(complete), "failed": len(trials) - len(complete),
+    return {"wall": wall, "cpu": cpu, "complete": len(complete), "failed": len(trials) - len(complete),
             "trial": statistics.median(busy), "span": span,
             "workers_seen": len({t.user_attrs.get("worker") for t in complete}),
             "best": max(t.values[0] for t in complete)}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (the search commands)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -167,13 +174,14 @@ def _section(args: argparse.Namespace, results: dict[str, list[dict[str, float]]
              f"a fresh database per run, {args.repeats} rounds in alternating order. Wall time is the whole "
              "command (start, search, rebuild of the chosen trial when another worker ran it, save, report); "
              "span is first trial start to last trial end; trial is the median duration of one complete "
-             "trial.", "",
-             "| workers | round | wall (s) | search span (s) | trial (s) | complete / failed trials | "
-             "workers that ran trials | best accuracy |", "|---|---|---|---|---|---|---|---|"]
+             "trial; CPU is the user + system time of all search processes (cores = CPU / wall).", "",
+             "| workers | round | wall (s) | search span (s) | trial (s) | CPU (s) | cores | "
+             "complete / failed trials | workers that ran trials | best accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, rows in results.items():
         for i, r in enumerate(rows):
             lines.append(f"| {MODES[mode]} | {i} | {r['wall']:.1f} | {r['span']:.1f} | {r['trial']:.2f} | "
-                         f"{r['complete']} / {r['failed']} | {r['workers_seen']} | {r['best']:.4f} |")
+                         f"{r['cpu']:.1f} | {r['cpu'] / r['wall']:.2f} | {r['complete']} / {r['failed']} | {r['workers_seen']} | {r['best']:.4f} |")
     lines += ["", "Mean wall time: " + ", ".join(f"{MODES[m].split(':')[0]} ({m}) {w:.1f} s" for m, w in wall.items())
               + f"; speed-up over 1 worker {wall['1'] / wall['2']:.2f}x (`--workers 2`) and "
               f"{wall['1'] / wall['2s']:.2f}x (two sessions); the ideal on two free cores is 2x.", "",
