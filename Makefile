@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) data
 
-# Debian packages: Fashion-MNIST (full 60k/10k) and headless Chromium for the report's browser
-# test; needs root or sudo once.
-DEBS := dataset-fashion-mnist chromium chromium-driver
+# Debian packages: Fashion-MNIST (full 60k/10k), headless Chromium for the report's browser test
+# and the PostgreSQL server for the parallel-search test (tests/nas/test_postgres.py); needs root
+# or sudo once.
+DEBS := dataset-fashion-mnist chromium chromium-driver postgresql
 data:
 	@dpkg -s $(DEBS) >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

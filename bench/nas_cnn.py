@@ -104,7 +104,12 @@ def main() -> None:
     print(f"predictor: Spearman {predictor['spearman']:.3f} on {predictor['n']} candidates")
     PLOT.write_bytes(plot_front(result.rows, result.front, reference=ref,
                                 title="nas.search on Fashion-MNIST (validation accuracy)"))
-    DOC.write_text(_render(args, ref, budget, result, chosen, final, predictor, time.perf_counter() - started))
+    text = _render(args, ref, budget, result, chosen, final, predictor, time.perf_counter() - started)
+    old = DOC.read_text() if DOC.is_file() else ""
+    if "<!-- parallel -->" in old and "<!-- /parallel -->" in old:  # bench/nas_parallel.py's section stays
+        end = old.index("<!-- /parallel -->") + len("<!-- /parallel -->")
+        text = text.rstrip("\n") + "\n\n" + old[old.index("<!-- parallel -->"):end] + "\n"
+    DOC.write_text(text)
 
 
 def _render(args: argparse.Namespace, ref: dict[str, float], budget: float, result: SearchResult, chosen: dict | None,

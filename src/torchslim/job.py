@@ -141,6 +141,7 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     study the workers fill. With ``worker`` set, this process only searches (it is worker
     ``worker``; more can join from other machines with the same storage URL) and returns None.
     """
+    import os
     import subprocess
     import sys
 
@@ -168,8 +169,10 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
         return None
     check_out_dir(out, resume=False, overwrite=overwrite)
     extra = [*(["--model", model_spec] if model_spec else []), *(["--quick"] if quick else [])]
-    procs = [subprocess.Popen([sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe_source),
-                               "--storage", url, "--worker", str(i), *extra]) for i in range(1, workers)]
+    env = dict(os.environ)  # extra workers take a share of the cores (this process keeps its threads)
+    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // workers, 1)))
+    cmd = [sys.executable, "-m", "torchslim.cli", "--quiet", "search", str(recipe_source), "--storage", url]
+    procs = [subprocess.Popen([*cmd, "--worker", str(i), *extra], env=env) for i in range(1, workers)]
     try:
         record = run_job(recipe, out, model_spec=model_spec, overwrite=overwrite, quick=quick, progress=False)
     finally:

@@ -119,6 +119,15 @@ def test_unreachable_storage_fails_fast_and_clearly(url: str) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"heartbeat_s": 0}, "heartbeat_s must be >= 1, found 0"),
+    ({"heartbeat_s": 5, "grace_period_s": 5}, r"grace_period_s must exceed heartbeat_s \(5\), found 5"),
+])
+def test_heartbeat_settings_are_checked(fields: dict[str, int], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        NASSearchConfig(**fields)
+
+
 def test_budget_below_the_smallest_architecture_states_the_reachable_latency(nas_ctx: ts.Context) -> None:
     with pytest.raises(ConfigError, match=r"latency_budget_ms=1e-06 cannot be met: the smallest .* takes "
                                           r"[0-9.]+ ms"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +22,21 @@ DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {
 METRIC = {"accuracy": "accuracy", "latency": "latency_ms", "flops": "flops", "params": "params"}
 
 
-def open_storage(url: str | None, workdir: Path | None) -> Any:
+def open_storage(url: str | None, workdir: Path | None, *, heartbeat_s: int = 30,
+                 grace_period_s: int = 120) -> Any:
     """An Optuna storage: ``url``, else SQLite ``<workdir>/nas.db``, else in memory.
+
+    On a server database (PostgreSQL, MySQL) each running trial records a heartbeat every
+    ``heartbeat_s`` seconds; a trial without one for ``grace_period_s`` seconds (its worker
+    was killed or lost its machine) is marked failed by the next worker that starts a trial,
+    and its parameters are queued once more (at most twice) for a surviving worker to run.
 
     Raises:
         ConfigError: the URL is malformed, its driver is missing, or the database cannot be
             reached (connections time out after 10 s rather than hang).
     """
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
     if url is None and workdir is None:
         return optuna.storages.InMemoryStorage()
@@ -38,12 +46,24 @@ def open_storage(url: str | None, workdir: Path | None) -> Any:
         url = f"sqlite:///{workdir.resolve() / 'nas.db'}"
     sqlite = url.startswith("sqlite")
     connect = {"timeout": 60} if sqlite else {"connect_timeout": 10}  # lock wait / TCP connect
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    callback = "heartbeat_stale_trial_callback" if retry is not None else "failed_trial_callback"
+    retry = retry or optuna.storages.RetryFailedTrialCallback  # Optuna 4 names it so
     try:
         with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4-5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
-                                              heartbeat_interval=None if sqlite else 30,
-                                              grace_period=None if sqlite else 120)
+            heartbeat: dict[str, Any] = {} if sqlite else {
+                "heartbeat_interval": heartbeat_s, "grace_period": grace_period_s,
+                callback: retry(max_retry=2)}
+            for attempt in range(3):  # workers starting together race to create the tables
+                try:
+                    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
+                                                      **heartbeat)
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.5 + random.random())
+            raise AssertionError("unreachable")
     except Exception as exc:  # noqa: BLE001 -- sqlalchemy, driver and OS errors all mean "cannot open"
         raise ConfigError(f"nas.search.storage: cannot open the Optuna storage {_redacted(url)!r}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "

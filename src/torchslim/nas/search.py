@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +49,9 @@ class NASSearchConfig(MethodConfig):
             kernels, in_channels, num_classes, image_size).
         strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``nsga2``
             (Optuna's samplers).
-        trials: Finished trials (complete or failed) the study stops at, over all workers.
+        trials: Finished trials the study stops at, over all workers: complete ones and
+            ones whose training or scoring raised. A trial lost with its worker does not
+            count (its architecture runs again, see Notes).
         objectives: What the front trades off: ``accuracy`` (``eval_fn(model)["accuracy"]``
             after training, maximized) and ``latency`` (measured, ms), ``flops``, ``params``
             (minimized).
@@ -56,6 +61,10 @@ class NASSearchConfig(MethodConfig):
         study_name: Workers with the same storage and study name join one study.
         latency_budget_ms: The returned model is the most accurate trial at or under this
             latency; the most accurate trial overall when unset.
+        heartbeat_s: On a server storage (PostgreSQL), seconds between the heartbeats a
+            running trial records.
+        grace_period_s: On a server storage, seconds without a heartbeat after which a
+            running trial counts as lost (its worker was killed) and is marked failed.
 
     Recipe:
         - method: nas.search
@@ -74,7 +83,11 @@ class NASSearchConfig(MethodConfig):
         Each trial is a fresh network seeded with ``ctx.seed + trial number``. A trial whose
         training or ``eval_fn`` raises is marked failed with the message and the study goes
         on. Several processes with one storage URL share the study; completed trials are
-        committed as they finish, so a killed worker loses only its running trial. Writes
+        committed as they finish, so a killed worker loses only its running trial. On
+        PostgreSQL the next trial a surviving worker starts more than ``grace_period_s``
+        after the lost trial's last heartbeat marks it failed and queues its architecture
+        again (up to twice); on SQLite a lost trial stays running and is not counted.
+        Each trial records the ``worker`` (host:pid) that ran it. Writes
         ``plots/nas_pareto.png`` and ``nas_trials.md`` into ``ctx.workdir``. Evolution draws
         random picks until ``trials // 3`` are complete, then mutates one gene of a
         tournament winner (first objective) per trial.
@@ -89,6 +102,8 @@ class NASSearchConfig(MethodConfig):
     storage: str | None = None
     study_name: str = "torchslim-nas"
     latency_budget_ms: float | None = None
+    heartbeat_s: int = 30
+    grace_period_s: int = 120
 
     def __post_init__(self) -> None:
         check(isinstance(self.space, CNNSpace), f"{_NAME}: space must be a CNNSpace or a mapping of its "
@@ -105,6 +120,9 @@ class NASSearchConfig(MethodConfig):
         check(self.latency_budget_ms is None or self.latency_budget_ms > 0,
               f"{_NAME}: latency_budget_ms must be > 0, found {self.latency_budget_ms}")
         check(bool(self.study_name), f"{_NAME}: study_name must not be empty")
+        check(self.heartbeat_s >= 1, f"{_NAME}: heartbeat_s must be >= 1, found {self.heartbeat_s}")
+        check(self.grace_period_s > self.heartbeat_s, f"{_NAME}: grace_period_s must exceed heartbeat_s "
+              f"({self.heartbeat_s}), found {self.grace_period_s}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; the space becomes a mapping."""
@@ -184,10 +202,10 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
     moment do not propose the same architectures.
     """
     import optuna
-    from optuna.trial import TrialState
 
     _check_ctx(ctx)
-    storage = _study.open_storage(cfg.storage, ctx.workdir)
+    storage = _study.open_storage(cfg.storage, ctx.workdir, heartbeat_s=cfg.heartbeat_s,
+                                  grace_period_s=cfg.grace_period_s)
     _check_budget(cfg, ctx.example_inputs)
     directions: list[Literal["minimize", "maximize"]] = [_study.DIRECTIONS[o] for o in cfg.objectives]
     genes = cfg.space.genes()
@@ -199,7 +217,6 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ConfigError(f"{_NAME}: study {cfg.study_name!r} optimizes other objectives than "
                           f"{list(cfg.objectives)}; choose another study_name")
-    finished = (TrialState.COMPLETE, TrialState.FAIL)
     seed = ctx.seed + 1000 * worker + len(study.get_trials(deepcopy=False))  # workers draw different picks
     study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
     models: dict[int, nn.Module] = {}
@@ -207,8 +224,13 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
 
     def objective(trial: Any) -> tuple[float, ...]:
         arch = cfg.space.arch({name: trial.suggest_categorical(name, list(c)) for name, c in genes.items()})
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number)
+            values = tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
+            if not all(math.isfinite(v) for v in values):
+                raise DataError(f"{_NAME}: trial {trial.number} scored {dict(zip(cfg.objectives, values))}; "
+                                "expected finite numbers")
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             raise
@@ -219,12 +241,23 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
             kept[:] = [(row["accuracy"], trial.number)]
             models.clear()
             models[trial.number] = model
-        return tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
+        return values
 
-    if len(study.get_trials(deepcopy=False, states=finished)) < cfg.trials:
-        stop = optuna.study.MaxTrialsCallback(cfg.trials, states=finished)
+    def stop(study: Any, trial: Any) -> None:
+        if _spent(study) >= cfg.trials:
+            study.stop()
+
+    if _spent(study) < cfg.trials:  # each worker runs at most cfg.trials: lost trials cannot loop forever
         study.optimize(objective, n_trials=cfg.trials, timeout=timeout, catch=(Exception,), callbacks=[stop])
     return _collect(study, cfg, models)
+
+
+def _spent(study: Any) -> int:
+    """Trials that count towards the budget: complete, or failed with an error (not lost with a worker)."""
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+               for t in study.get_trials(deepcopy=False))
 
 
 def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> SearchResult:
@@ -232,7 +265,8 @@ def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> 
 
     trials = study.get_trials(deepcopy=False)
     rows = [{"trial": t.number, **t.user_attrs} for t in trials if t.state == TrialState.COMPLETE]
-    failed = [{"trial": t.number, "error": t.user_attrs.get("error", t.system_attrs.get("fail_reason", "?"))}
+    lost = "lost: its worker stopped sending heartbeats (killed or disconnected)"
+    failed = [{"trial": t.number, "error": t.user_attrs.get("error", t.system_attrs.get("fail_reason", lost))}
               for t in trials if t.state == TrialState.FAIL]
     if not rows:
         first = failed[0]["error"] if failed else "no trial ran"
