@@ -326,4 +326,3 @@ def _flip_shift(x: torch.Tensor, shift: int = 2) -> torch.Tensor:
     index = torch.arange(n, device=x.device)[:, None, None, None]
     channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[index, channels, rows, cols]
-
