@@ -100,8 +100,7 @@ class Augmented:
     Each sentence becomes, with probability ``crop``, a random contiguous span of at least 30% of
     its words, and then each word is replaced with probability ``replace`` by a random whole word
     of the tokenizer's vocabulary (TinyBERT-style augmentation without a masked-LM). The student
-    so meets every word embedding in context, not only the ~10k words of the Lee corpus; no
-    evaluation text is read.
+    so meets words in context that the Lee corpus lacks; no evaluation text is read.
     """
 
     def __init__(self, tok: Any, sentences: list[str], batch_size: int = 32, seed: int = 0,
