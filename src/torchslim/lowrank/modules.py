@@ -24,6 +24,17 @@ def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
     return {k: _plain(getattr(conv, k)) for k in ("kernel_size", "stride", "padding", "dilation")}
 
 
+@torch.no_grad()
+def _load_chain(parts: list[tuple[nn.Linear | nn.Conv2d, torch.Tensor]], bias: torch.Tensor | None) -> None:
+    """Copy each weight into its module, in order; ``bias`` goes to the last module."""
+    for module, weight in parts:
+        module.weight.copy_(weight)
+    if bias is not None:
+        last = parts[-1][0]
+        assert last.bias is not None
+        last.bias.copy_(bias)
+
+
 @rebuildable
 class LowRankLinear(nn.Module):
     """``second(first(x))``: a Linear ``in -> out`` of rank ``rank`` as two thinner Linears.
@@ -47,12 +58,7 @@ class LowRankLinear(nn.Module):
                      bias: torch.Tensor | None) -> LowRankLinear:
         """A layer computing ``x @ first.T @ second.T + bias``; ``first`` is (rank, in)."""
         layer = cls(first.shape[1], first.shape[0], second.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            layer.first.weight.copy_(first)
-            layer.second.weight.copy_(second)
-            if bias is not None:
-                assert layer.second.bias is not None
-                layer.second.bias.copy_(bias)
+        _load_chain([(layer.first, first), (layer.second, second)], bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +97,8 @@ class LowRankConv2d(nn.Module):
         """The 1x1 ``conv`` as ``second @ first``: ``first`` (rank, in), ``second`` (out, rank)."""
         layer = cls(conv.in_channels, first.shape[0], conv.out_channels, _plain(conv.stride),
                     bias=conv.bias is not None).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.first.weight.copy_(first[:, :, None, None])
-            layer.second.weight.copy_(second[:, :, None, None])
-            if conv.bias is not None:
-                assert layer.second.bias is not None
-                layer.second.bias.copy_(conv.bias)
+        _load_chain([(layer.first, first[:, :, None, None]), (layer.second, second[:, :, None, None])],
+                    conv.bias)
         return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,13 +146,8 @@ class TuckerConv2d(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, rank_in=u_in.shape[1], rank_out=u_out.shape[1],
                     bias=conv.bias is not None, **_geometry(conv))
         layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.first.weight.copy_(u_in.T[:, :, None, None])
-            layer.core.weight.copy_(core)
-            layer.last.weight.copy_(u_out[:, :, None, None])
-            if conv.bias is not None:
-                assert layer.last.bias is not None
-                layer.last.bias.copy_(conv.bias)
+        _load_chain([(layer.first, u_in.T[:, :, None, None]), (layer.core, core),
+                     (layer.last, u_out[:, :, None, None])], conv.bias)
         return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,12 +206,7 @@ class SeparableConv2d(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, depth_multiplier=multiplier,
                     bias=conv.bias is not None, **_geometry(conv))
         layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.depthwise.weight.copy_(depthwise)
-            layer.pointwise.weight.copy_(pointwise[:, :, None, None])
-            if conv.bias is not None:
-                assert layer.pointwise.bias is not None
-                layer.pointwise.bias.copy_(conv.bias)
+        _load_chain([(layer.depthwise, depthwise), (layer.pointwise, pointwise[:, :, None, None])], conv.bias)
         return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
