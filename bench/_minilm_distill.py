@@ -11,6 +11,7 @@ wall-clock budget.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import random
 import time
@@ -25,6 +26,15 @@ from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import minilm
 
 LAYERS = r"re:bert\.encoder\.layer\.\d+"
+
+
+def distill_arguments(parser: argparse.ArgumentParser, lr: float) -> None:
+    """The command-line options of ``distill`` shared by the MiniLM compression benches."""
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
+    parser.add_argument("--augment", action="store_true",
+                        help="fresh cropped / word-replaced variants of the sentences every epoch")
 
 
 def batches(tok: Any, sentences: list[str], batch_size: int = 32,

@@ -71,12 +71,13 @@ def _trained(cfg: object, ctx: ts.Context, budget: float, started: float) -> tup
 def _datafree(cfg: DataFreeConfig, budget: float, example: torch.Tensor,
               steps: int | None) -> tuple[torch.nn.Module, dict]:
     ctx = ts.Context(teacher=pretrained_fashion_cnn(), example_inputs=example)
+    fixed = {"fixed_steps": True} if steps is not None else {}
     if steps is None:
         model, steps, stats = _trained(cfg, ctx, budget, time.perf_counter())
     else:  # a fixed number of steps: the seconds column tells whether it fit the budget
         result = ts.compress(student(), _stage((cfg,), TrainSpec(steps=steps)), ctx)
         model, stats = result.model, result.record.outcomes[-1].stats
-    return model, {"steps": steps, "replay": cfg.replay, "augment": float(cfg.augment), **stats}
+    return model, {"steps": steps, "replay": cfg.replay, "augment": float(cfg.augment), **fixed, **stats}
 
 
 def _inversion(budget: float, example: torch.Tensor) -> tuple[torch.nn.Module, dict]:
@@ -159,8 +160,6 @@ def main() -> None:
     state = json.loads(STATE.read_text()) if STATE.is_file() else {}
     for variant in args.variants.split(","):
         state[variant] = run(variant, args.minutes, args.real_epochs, args.steps)
-        if args.steps is not None and variant in ("gan", "vae", "adv"):
-            state[variant]["fixed_steps"] = True
         print(variant, state[variant], flush=True)
         STATE.write_text(json.dumps(state, indent=1))
         DOC.write_text(_render(state, args.minutes, args.real_epochs))

@@ -47,11 +47,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=96)
     parser.add_argument("--distill-minutes", type=float, default=0.0,
                         help="run the distilled section instead, with this wall-clock budget")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--hidden-weight", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
-    parser.add_argument("--augment", action="store_true",
-                        help="fresh cropped / word-replaced variants of the sentences every epoch")
+    md.distill_arguments(parser, lr=1e-4)
     parser.add_argument("--note", default="", help="a line of notes for the distilled table")
     parser.add_argument("--explore", action="store_true",
                         help="short look: no speed-up, nothing written")

@@ -48,11 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=128, help="embedding code width E")
     parser.add_argument("--distill-minutes", type=float, default=30.0)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--hidden-weight", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
-    parser.add_argument("--augment", action="store_true",
-                        help="fresh cropped / word-replaced variants of the sentences every epoch")
+    md.distill_arguments(parser, lr=3e-4)
     parser.add_argument("--note", default="", help="a line of notes for the table")
     parser.add_argument("--explore", action="store_true", help="short look: no speed-up, nothing written")
     parser.add_argument("--dry", action="store_true", help="print, do not write the doc")
