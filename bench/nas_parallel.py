@@ -1,7 +1,7 @@
 """nas.search with 1 vs 2 workers on one PostgreSQL study: wall time of `torchslim search --workers N`.
 
-Starts its own PostgreSQL server on 127.0.0.1 (a free port, a temporary data folder; as the
-``postgres`` user when run as root), then runs the same recipe (sklearn digits 8x8, random
+Starts its own PostgreSQL server with ``torchslim.nas.postgres.throwaway_server`` (127.0.0.1, a
+free port, a temporary data folder; as the ``postgres`` user when run as root; fsync on), then runs the same recipe (sklearn digits 8x8, random
 strategy) with ``--workers 1`` and ``--workers 2``, each on a fresh database, alternating for
 ``--repeats`` rounds; a third variant starts the second worker from a session of its own,
 as from another terminal. Wall time covers the whole command: workers start, search, the recipe
@@ -17,19 +17,18 @@ import argparse
 import contextlib
 import os
 import platform
-import pwd
 import resource
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from torchslim.errors import TorchslimError
+from torchslim.nas.postgres import throwaway_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "nas.md"
@@ -49,53 +48,6 @@ stages:
 measure: [params]
 export: [checkpoint]
 """
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[int, str]]:
-    """(port, server version) of a throwaway PostgreSQL server; stopped and deleted on exit."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()], reverse=True)
-    on_path = shutil.which("initdb")
-    initdb = Path(on_path) if on_path else (found[0] if found else None)
-    if initdb is None:
-        raise SystemExit("no PostgreSQL server binaries: `make setup` installs the Debian package postgresql")
-    bindir = initdb.parent
-    root = Path(tempfile.mkdtemp(prefix="torchslim-pg-"))
-    as_server: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_server = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    data = root / "data"
-    pg_ctl = [*as_server, str(bindir / "pg_ctl"), "-D", str(data)]
-    started = False
-    try:
-        subprocess.run([*as_server, str(initdb), "-D", str(data), "-U", "torchslim", "--auth=trust", "-E", "UTF8",
-                        "--no-sync"], check=True, capture_output=True)
-        subprocess.run([*pg_ctl, "-l", str(root / "server.log"), "-w", "-t", "60",
-                        "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"], check=True, capture_output=True)
-        started = True
-        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout
-        yield port, version.strip()
-    finally:
-        if started:
-            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=False, capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def create_database(port: int, name: str) -> str:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="torchslim", dbname="postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return f"postgresql+psycopg2://torchslim@127.0.0.1:{port}/{name}"
 
 
 MODES = {  # label -> how the workers are started
@@ -149,12 +101,17 @@ def main() -> None:
     import psycopg2
 
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-    with tempfile.TemporaryDirectory(prefix="nas-parallel-") as tmp, postgres_server() as (port, pg_version):
+    with tempfile.TemporaryDirectory(prefix="nas-parallel-") as tmp, contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(throwaway_server(fsync=True))  # fsync on, as on a real server
+        except TorchslimError as exc:
+            raise SystemExit(str(exc)) from exc
+        pg_version = server.version
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(RECIPE.format(trials=args.trials, epochs=args.epochs, space=SPACE))
         for round_ in range(args.repeats):
             for mode in list(MODES) if round_ % 2 == 0 else list(MODES)[::-1]:
-                url = create_database(port, f"nas_r{round_}_w{mode}")
+                url = server.create_database(f"nas_r{round_}_w{mode}")
                 row = run(recipe, url, mode, Path(tmp) / f"out_r{round_}_w{mode}")
                 results[mode].append(row)
                 print(f"round {round_} mode {mode}: {row}")

@@ -1,27 +1,28 @@
 """Parallel search on a real PostgreSQL server: a worker killed mid-trial loses no completed trial.
 
-The server runs on 127.0.0.1 (a free port) from a temporary data folder and is always stopped.
-It is installed by ``make setup`` (Debian package ``postgresql``, driver ``psycopg2-binary``).
+The server (``torchslim.nas.postgres.throwaway_server``) runs on 127.0.0.1 (a free port) from a
+temporary data folder and is always stopped. It is installed by ``make setup`` (Debian package
+``postgresql``, driver ``psycopg2-binary``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 import torchslim
+from torchslim.errors import TorchslimError
+from torchslim.nas.postgres import Server, throwaway_server
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -45,58 +46,31 @@ export: [checkpoint]
 """
 
 
-def _server_bin() -> Path | None:
-    on_path = shutil.which("initdb")  # Debian keeps the server binaries off PATH, one folder per version
-    found = [Path(on_path)] if on_path else []
-    found += sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()], reverse=True)
-    return found[0].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _start(stack: contextlib.ExitStack, **options: Any) -> Server:
+    """A throwaway server entered on ``stack``; skips the test when the server or driver is missing."""
+    try:
+        return stack.enter_context(throwaway_server(**options))
+    except TorchslimError as exc:
+        if "make setup" in str(exc):  # binaries, `postgres` user or driver missing: not a failure
+            pytest.skip(str(exc))
+        raise
 
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A fresh database on a PostgreSQL server of its own; the server is stopped afterwards."""
-    bindir = _server_bin()
-    if bindir is None or not (bindir / "pg_ctl").is_file():
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): `make setup` installs the Debian "
-                    "package postgresql")
-    psycopg2 = pytest.importorskip("psycopg2", reason="no PostgreSQL driver: `make setup` installs "
-                                   "psycopg2-binary (the dev extra)")
-    root = Path(tempfile.mkdtemp(prefix="torchslim-pg-"))
-    as_server: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_server = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    with contextlib.ExitStack() as stack:
+        yield _start(stack, stop="immediate").create_database("nas")
 
-    def run(*cmd: str) -> None:
-        done = subprocess.run([*as_server, *cmd], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"{' '.join(cmd)} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
-    started = False
-    try:
-        run(str(bindir / "initdb"), "-D", str(data), "-U", "torchslim", "--auth=trust", "-E", "UTF8",
-            "--no-sync")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-            "-o", f"-h 127.0.0.1 -p {port} -k {data} -F", "start")
-        started = True
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="torchslim", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE nas")
-        conn.close()
-        yield f"postgresql+psycopg2://torchslim@127.0.0.1:{port}/nas"
-    finally:
-        if started:
-            subprocess.run([*as_server, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                            "stop"], check=False, capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+def test_throwaway_server_is_gone_after_the_block() -> None:
+    with contextlib.ExitStack() as stack:
+        server = _start(stack)
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()  # it listens
+        assert server.folder.is_dir() and "PostgreSQL" in server.version
+    assert not server.folder.exists()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=10)
 
 
 def _worker(recipe: Path, url: str, number: int, log: Path) -> subprocess.Popen[bytes]:
