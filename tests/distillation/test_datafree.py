@@ -101,6 +101,25 @@ def test_replay_adds_past_samples_with_their_own_teacher_logits(teacher: nn.Modu
     assert not any((kept == row.flatten()).all(dim=1).any() for row in made[0])  # 80 made, first 16 gone
 
 
+@pytest.mark.parametrize("loss", ["l1", "kl"])
+def test_student_loss_is_l1_on_logits_or_soft_targets(teacher: nn.Module, loss: str) -> None:
+    from torchslim.core import Step
+    from torchslim.distillation.losses import soft_target_loss
+
+    method = DataFreeDistillation(DataFreeConfig(batch_size=16, replay=0, loss=loss))  # type: ignore[arg-type]
+    method.attach(build_generator((1, 8, 8), 64), teacher)
+    torch.manual_seed(0)
+    batch = method.generator_step()
+    student = _cnn(8, seed=1)(batch)
+    with torch.no_grad():
+        target = teacher(batch)
+    got = method.extra_loss(Step(0, batch, None, student, student))
+    expected = ((student - target).abs().mean() if loss == "l1"
+                else soft_target_loss(student, target, method.cfg.temperature))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert DataFreeDistillation.default_lr == 2e-3 and DataFreeConfig().loss == "l1"
+
+
 def test_augment_flips_and_shifts_the_students_batch_and_relabels_it(teacher: nn.Module) -> None:
     import copy
 
@@ -127,7 +146,7 @@ def test_data_free_student_agrees_with_the_teacher_and_samples_calibrate_ptq(
     test = digits("test")
     x = test.tensors[0]
     stage = Stage(name="df", methods=(DataFreeConfig(batch_size=64, epoch_steps=300, samples=200),),
-                  train=TrainSpec(lr=5e-3))
+                  train=TrainSpec(lr=1e-2))
     ctx = ts.Context(teacher=teacher, example_inputs=x[:1], workdir=tmp_path / "work")  # no train_data
     result = ts.compress(_cnn(8, seed=1), Recipe(stages=(stage,), measure=()), ctx)
     student = result.model.eval()
@@ -167,6 +186,8 @@ def test_bad_input_is_named() -> None:
         DataFreeConfig(generator="flow")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         DataFreeConfig(batch_size=1)
+    with pytest.raises(ConfigError, match="loss must be l1 or kl"):
+        DataFreeConfig(loss="mse")  # type: ignore[arg-type]
 
 
 def test_sample_previews_are_embedded_in_the_report(tmp_path: Path) -> None:

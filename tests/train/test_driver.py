@@ -109,3 +109,32 @@ def test_methods_find_the_stage_teacher_in_the_context_at_start() -> None:
     teacher, seen = MLP(), []
     fit(MLP(), TrainSpec(steps=1), [_SeesTeacher(seen)], Context(train_data=_data(32)), teacher=teacher)
     assert seen == [teacher]
+
+
+class _Shift(TrainedMethod):
+    """Adds a parameter whose loss gradient is 1 everywhere: one SGD step moves it by -lr exactly."""
+
+    def __init__(self, default_lr: float | None) -> None:
+        super().__init__(None)
+        self.default_lr = default_lr
+        self.shift = torch.nn.Parameter(torch.zeros(3))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.shift]
+
+    def extra_loss(self, step: Step) -> torch.Tensor:
+        return self.shift.sum()
+
+
+@pytest.mark.parametrize(("lr", "defaults", "expected"), [
+    (None, (None,), 1e-3),  # nobody says: 1e-3
+    (None, (0.05, None, 0.02), 0.05),  # the largest method default
+    (0.01, (0.05,), 0.01),  # the train block wins
+])
+def test_peak_lr_is_the_train_blocks_else_the_methods_default(
+        lr: float | None, defaults: tuple[float | None, ...], expected: float) -> None:
+    methods = [_Shift(d) for d in defaults]
+    spec = TrainSpec(steps=1, lr=lr, optimizer="sgd", batch_size=32)
+    fit(MLP(), spec, methods, Context(train_data=_data(32)))
+    for method in methods:  # first step: no warm-up left (1 step) and momentum has nothing to add
+        torch.testing.assert_close(method.shift.detach(), torch.full((3,), -expected))

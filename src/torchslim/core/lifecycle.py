@@ -60,9 +60,12 @@ class TrainedMethod:
 
     Class attributes:
         needs_teacher: The driver prepares a frozen teacher for this method.
+        default_lr: The peak learning rate the method trains best with, used when the stage's
+            ``train`` block sets no ``lr`` (None: no preference; the stage then uses 1e-3).
     """
 
     needs_teacher: bool = False
+    default_lr: float | None = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

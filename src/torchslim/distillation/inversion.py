@@ -150,7 +150,8 @@ def synthesize(teacher: nn.Module, example: torch.Tensor, cfg: InversionConfig,
     """``cfg.samples`` inputs shaped like ``example``'s rows, with the classes they were made for."""
     if not _bn_layers(teacher):
         raise UnsupportedModuleError(f"{_NAME}: the teacher has no BatchNorm layers with running statistics, "
-                                     "which inversion matches; use real or generated data with this teacher")
+                                     "which inversion matches; use distillation.datafree (generator: gan "
+                                     "or vae), which needs no BatchNorm, or real data")
     was_training = teacher.training
     teacher.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)

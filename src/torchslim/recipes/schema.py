@@ -20,7 +20,8 @@ class TrainSpec:
     Args:
         epochs: Passes over the training data.
         steps: Optimizer steps in total; replaces ``epochs`` when set (data-free methods).
-        lr: Peak learning rate.
+        lr: Peak learning rate. Unset: the largest ``default_lr`` of the stage's trained
+            methods (``distillation.datafree``: 2e-3), else 1e-3.
         batch_size: Batch size when the training data is a Dataset (a DataLoader keeps its own).
         optimizer: ``adam``, ``adamw`` or ``sgd``.
         weight_decay: L2 penalty / decoupled weight decay.
@@ -31,7 +32,7 @@ class TrainSpec:
     name: ClassVar[str] = "train"
     epochs: int = 1
     steps: int | None = None
-    lr: float = 1.0e-3
+    lr: float | None = None
     batch_size: int = 128
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
@@ -41,7 +42,7 @@ class TrainSpec:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.grad_clip is None or self.grad_clip > 0,

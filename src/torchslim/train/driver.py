@@ -28,7 +28,7 @@ from torchslim.recipes.schema import TrainSpec
 from torchslim.train import distributed
 from torchslim.train.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint
 
-__all__ = ["fit", "to_device", "task_loss"]
+__all__ = ["fit", "learning_rate", "to_device", "task_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,21 @@ def _split(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
-def _optimizer(params: Sequence[nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+DEFAULT_LR = 1.0e-3
+
+
+def learning_rate(spec: TrainSpec, methods: Sequence[TrainedMethod]) -> float:
+    """The stage's peak learning rate: ``spec.lr``, else the methods' largest ``default_lr``, else 1e-3."""
+    if spec.lr is not None:
+        return spec.lr
+    return max((m.default_lr for m in methods if m.default_lr is not None), default=DEFAULT_LR)
+
+
+def _optimizer(params: Sequence[nn.Parameter], spec: TrainSpec, lr: float) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=spec.weight_decay)
     cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return cls(params, lr=lr, weight_decay=spec.weight_decay)
 
 
 def _plan(data: Any, spec: TrainSpec) -> tuple[int, int]:
@@ -137,7 +147,7 @@ def fit(
     # (finalize re-registers baked tensors), and the optimizer state is stored by position.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     params += [p for m in methods for p in m.parameters()]
-    optimizer = _optimizer(params, spec)
+    optimizer = _optimizer(params, spec, learning_rate(spec, methods))
     _, total = _plan(ctx.train_data, spec)
     run = _Run(model, methods, spec, ctx, params, optimizer, _scheduler(optimizer, spec, total),
                _teacher_fn(teacher, device), total, forward=model, history=history)
