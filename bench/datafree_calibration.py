@@ -6,6 +6,9 @@ settings) calibrated on 256 images of each kind; test accuracy of the int8 model
 reference, which computes what ONNX Runtime runs). The inverted images come from
 ``torchslim.distillation.inversion.synthesize`` with no real image at all.
 
+The range table under each model lists the layers whose calibrated output ranges differ most
+between real and inverted images.
+
 Run: python bench/datafree_calibration.py [--samples 256] [--iterations 200] [--test N]
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import time
@@ -24,6 +28,7 @@ import torch
 import torchslim as ts
 from torchslim.distillation.inversion import InversionConfig, synthesize
 from torchslim.quantization import PTQConfig
+from torchslim.quantization._static import calibrate, fuse
 from torchslim.zoo import accuracy, fashion_mnist, head, mobilenet, pretrained_fashion_cnn
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "datafree-calibration.md"
@@ -37,6 +42,27 @@ def _int8_accuracy(model: torch.nn.Module, calib: torch.Tensor, test: Any) -> di
     ctx = ts.Context(example_inputs=batches[0][:1], calib_data=batches, seed=0)
     return {observer: 100 * accuracy(ts.apply(copy.deepcopy(model), PTQConfig(observer=observer), ctx).model, test)
             for observer in OBSERVERS}
+
+
+def _ranges(model: torch.nn.Module, data: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """The calibrated output range (default observer) of each fused layer that rounds its output."""
+    fused = copy.deepcopy(model)
+    fusions = fuse(fused, PTQConfig().targets, (), "bench")
+    cal = calibrate(fused, fusions, list(data.split(32)), PTQConfig().observer, 8, PTQConfig().percentile)
+    return {fqn: (-g.zero_point * g.scale, (g.qmax - g.zero_point) * g.scale) for fqn, g in cal.outputs.items()
+            if cal.quantize_output[fqn]}
+
+
+def _range_table(model: torch.nn.Module, real: torch.Tensor, inverted: torch.Tensor, top: int = 6) -> list[str]:
+    """The layers whose calibrated output range differs most between real and inverted images."""
+    a, b = _ranges(model, real), _ranges(model, inverted)
+    ratio = {fqn: (b[fqn][1] - b[fqn][0]) / max(a[fqn][1] - a[fqn][0], 1e-12) for fqn in a}
+    worst = sorted(ratio, key=lambda f: -abs(math.log(max(ratio[f], 1e-12))))[:top]
+    lines = ["", f"Output ranges (default observer) of the {top} layers where they differ most:", "",
+             "| layer | real images | inverted images | width ratio |", "|---|---|---|---|"]
+    lines += [f"| {f} | [{a[f][0]:.2f}, {a[f][1]:.2f}] | [{b[f][0]:.2f}, {b[f][1]:.2f}] | {ratio[f]:.2f} |"
+              for f in worst]
+    return lines
 
 
 def _rows(label: str, model: torch.nn.Module, real: torch.Tensor, noise: torch.Tensor, test: Any,
@@ -62,7 +88,7 @@ def _rows(label: str, model: torch.nn.Module, real: torch.Tensor, noise: torch.T
             default = " (default)" if observer == PTQConfig().observer else ""
             lines.append(f"| {name} | {observer}{default} | {acc:.2f} | {acc - fp32:+.2f} | {acc - real_acc:+.2f} |")
             print(label, name, observer, f"{acc:.2f}", flush=True)
-    return [*lines, ""]
+    return [*lines, *_range_table(model, real, inverted), ""]
 
 
 def main() -> None:
