@@ -154,7 +154,7 @@ class DataFreeDistillation(TrainedMethod):
     """Trains a generator against the teacher and the student on its samples, alternately."""
 
     needs_teacher = True
-    default_lr = 2.0e-3  # generated batches change every step: 85.1% vs 84.3% at 1e-3 (3000 steps)
+    default_lr = 2.0e-3  # fashion_cnn, 3000 steps, l1: 85.1% against 84.3% at 1e-3
     cfg: DataFreeConfig
 
     def __init__(self, cfg: DataFreeConfig) -> None:

@@ -31,6 +31,7 @@ from torchslim.train.checkpoint import atomic_torch_save, latest_checkpoint, loa
 __all__ = ["fit", "learning_rate", "to_device", "task_loss"]
 
 logger = logging.getLogger(__name__)
+DEFAULT_LR = 1.0e-3  # a stage whose train block and methods name none
 
 
 def task_loss(outputs: Any, targets: Any) -> torch.Tensor:
@@ -62,9 +63,6 @@ def _split(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
-
-
-DEFAULT_LR = 1.0e-3
 
 
 def learning_rate(spec: TrainSpec, methods: Sequence[TrainedMethod]) -> float:
