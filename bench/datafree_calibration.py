@@ -27,8 +27,7 @@ import torch
 
 import torchslim as ts
 from torchslim.distillation.inversion import InversionConfig, synthesize
-from torchslim.quantization import PTQConfig
-from torchslim.quantization._static import calibrate, fuse
+from torchslim.quantization import PTQConfig, QDQConv2d, QDQLinear
 from torchslim.zoo import accuracy, fashion_mnist, head, mobilenet, pretrained_fashion_cnn
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "datafree-calibration.md"
@@ -37,25 +36,31 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "datafree-ca
 OBSERVERS = ("mse", "minmax")  # the default, and the one most exposed to what it is calibrated on
 
 
-def _int8_accuracy(model: torch.nn.Module, calib: torch.Tensor, test: Any) -> dict[str, float]:
+Ranges = dict[str, tuple[float, float]]
+
+
+def _int8_accuracy(model: torch.nn.Module, calib: torch.Tensor, test: Any) -> tuple[dict[str, float], Ranges]:
+    """Int8 test accuracy per observer, and the output ranges the default observer chose."""
     batches = list(calib.split(32))
     ctx = ts.Context(example_inputs=batches[0][:1], calib_data=batches, seed=0)
-    return {observer: 100 * accuracy(ts.apply(copy.deepcopy(model), PTQConfig(observer=observer), ctx).model, test)
-            for observer in OBSERVERS}
+    accs, ranges = {}, {}
+    for observer in OBSERVERS:
+        quantized = ts.apply(copy.deepcopy(model), PTQConfig(observer=observer), ctx).model
+        accs[observer] = 100 * accuracy(quantized, test)
+        if observer == PTQConfig().observer:
+            ranges = _ranges(quantized)
+    return accs, ranges
 
 
-def _ranges(model: torch.nn.Module, data: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """The calibrated output range (default observer) of each fused layer that rounds its output."""
-    fused = copy.deepcopy(model)
-    fusions = fuse(fused, PTQConfig().targets, (), "bench")
-    cal = calibrate(fused, fusions, list(data.split(32)), PTQConfig().observer, 8, PTQConfig().percentile)
-    return {fqn: (-g.zero_point * g.scale, (g.qmax - g.zero_point) * g.scale) for fqn, g in cal.outputs.items()
-            if cal.quantize_output[fqn]}
+def _ranges(quantized: torch.nn.Module) -> Ranges:
+    """The output range of each quantized layer that rounds its output."""
+    return {fqn: ((0 - float(m.output_zero_point)) * float(m.output_scale),
+                  (m.qmax - float(m.output_zero_point)) * float(m.output_scale))
+            for fqn, m in quantized.named_modules() if isinstance(m, QDQConv2d | QDQLinear) and m.quantize_output}
 
 
-def _range_table(model: torch.nn.Module, real: torch.Tensor, inverted: torch.Tensor, top: int = 6) -> list[str]:
-    """The layers whose calibrated output range differs most between real and inverted images."""
-    a, b = _ranges(model, real), _ranges(model, inverted)
+def _range_table(a: Ranges, b: Ranges, top: int = 6) -> list[str]:
+    """The layers whose calibrated output range differs most between real (``a``) and inverted (``b``) images."""
     ratio = {fqn: (b[fqn][1] - b[fqn][0]) / max(a[fqn][1] - a[fqn][0], 1e-12) for fqn in a}
     worst = sorted(ratio, key=lambda f: -abs(math.log(max(ratio[f], 1e-12))))[:top]
     lines = ["", f"Output ranges (default observer) of the {top} layers where they differ most:", "",
@@ -74,10 +79,11 @@ def _rows(label: str, model: torch.nn.Module, real: torch.Tensor, noise: torch.T
     minutes = (time.perf_counter() - started) / 60
     fp32 = 100 * accuracy(model, test)
     bounded = f", input_range {list(input_range)}" if input_range else ""
-    results = {"real training images": _int8_accuracy(model, real, test),
-               f"DeepInversion images ({iterations} steps{bounded}, {minutes:.1f} min, no real data)":
-                   _int8_accuracy(model, inverted, test),
-               "random noise": _int8_accuracy(model, noise, test)}
+    (real_accs, real_ranges), (inverted_accs, inverted_ranges) = (_int8_accuracy(model, data, test)
+                                                                  for data in (real, inverted))
+    results = {"real training images": real_accs,
+               f"DeepInversion images ({iterations} steps{bounded}, {minutes:.1f} min, no real data)": inverted_accs,
+               "random noise": _int8_accuracy(model, noise, test)[0]}
     lines = [f"## {label}", "", f"fp32 test accuracy {fp32:.2f}%.", "",
              "| calibration data | observer | int8 test accuracy % | vs fp32 | vs real-image calibration |",
              "|---|---|---|---|---|"]
@@ -88,7 +94,7 @@ def _rows(label: str, model: torch.nn.Module, real: torch.Tensor, noise: torch.T
             default = " (default)" if observer == PTQConfig().observer else ""
             lines.append(f"| {name} | {observer}{default} | {acc:.2f} | {acc - fp32:+.2f} | {acc - real_acc:+.2f} |")
             print(label, name, observer, f"{acc:.2f}", flush=True)
-    return [*lines, *_range_table(model, real, inverted), ""]
+    return [*lines, *_range_table(real_ranges, inverted_ranges), ""]
 
 
 def main() -> None:
