@@ -28,13 +28,28 @@ from torchslim.zoo import minilm
 LAYERS = r"re:bert\.encoder\.layer\.\d+"
 
 
+AUGMENTED = ("augmented: each epoch a fresh random crop of half of them and 10% of words replaced by random "
+             "vocabulary words, when the training column says so")
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--augment``, which every MiniLM distillation bench takes."""
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
+    parser.add_argument("--augment", action="store_true",
+                        help="fresh cropped / word-replaced variants of the sentences every epoch")
+
+
 def distill_arguments(parser: argparse.ArgumentParser, lr: float) -> None:
     """The command-line options of ``distill`` shared by the MiniLM compression benches."""
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
-    parser.add_argument("--augment", action="store_true",
-                        help="fresh cropped / word-replaced variants of the sentences every epoch")
+    run_arguments(parser)
+
+
+def trained(info: dict[str, float]) -> str:
+    """The training column of a row distilled by ``distill``: time, epochs, lr, augmentation."""
+    augmented = ", augmented" if info["augment"] else ""
+    return f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {info['lr']:g}{augmented}"
 
 
 def batches(tok: Any, sentences: list[str], batch_size: int = 32,

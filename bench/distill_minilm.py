@@ -39,7 +39,7 @@ from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import minilm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _minilm_distill import Augmented, batches  # noqa: E402
+from _minilm_distill import Augmented, batches, run_arguments  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "distillation-minilm.md"
 STATE = DOC.with_suffix(".json")
@@ -96,9 +96,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget (sets the epochs)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--untrained", action="store_true", help="score the untrained student only")
-    parser.add_argument("--augment", action="store_true",
-                        help="fresh cropped / word-replaced variants of the sentences every epoch")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
+    run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok, teacher = minilm.load_minilm_tokenizer(), minilm.load_minilm()

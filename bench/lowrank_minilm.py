@@ -148,8 +148,7 @@ def distilled_section(args: argparse.Namespace) -> None:
                                args.augment)
     name = f"lowrank.drone energy {energy:.4f} + distilled"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore),
-                  "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"
-                 + (", augmented" if args.augment else "")}
+                  "train": md.trained(info)}
     print(name, rows[name], flush=True)
     if not (args.dry or args.explore):
         write_section(distilled_lines(args, rows, energy, layer_ranks), DSTART, DEND)
@@ -163,9 +162,7 @@ def distilled_lines(args: argparse.Namespace, rows: dict, energy: float, ranks: 
              f"Ranks (FFN in / out Linear per layer) from one energy share {energy:.4f} of each layer's "
              f"data-aware spectrum on 512 Lee background sentences, the largest share whose FFN "
              f"multiply-adds in total are at most those of rank {args.rank} everywhere (the table above): {short}. Distillation from the "
-             "original on the 2,573 Lee background sentences (augmented: each epoch a fresh random crop of half "
-             "of them and 10% of words replaced by random vocabulary words, when the training column says so; "
-             "cosine on the sentence embedding + cosine "
+             f"original on the 2,573 Lee background sentences ({md.AUGMENTED}; cosine on the sentence embedding + cosine "
              f"on the 6 layers' hidden states, weight {args.hidden_weight:g}; AdamW, cosine schedule), "
              "budget including a timing pass.", "",
              "| model | encode speed-up | MR cosine | Lee Pearson | % of original | WS-353 | % of original "
@@ -178,8 +175,7 @@ def distilled_lines(args: argparse.Namespace, rows: dict, energy: float, ranks: 
               "the original's, <= 30 minutes of distillation on 2 cores.", *([args.note] if args.note else []),
               f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/lowrank_minilm.py --rank {args.rank} "
               f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
-            f"Machine: "
-              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
+              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", DEND]
     return lines
 

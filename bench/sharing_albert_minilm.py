@@ -67,8 +67,7 @@ def main() -> None:
                                args.augment)
     rows[name + " + distilled"] = {
         **md.score(student, original, tok, reference, not args.explore), "params": params(student),
-        "train": f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {args.lr:g}"
-                 + (", augmented" if args.augment else "")}
+        "train": md.trained(info)}
     print(name + " + distilled", rows[name + " + distilled"], flush=True)
     if not (args.dry or args.explore):
         write(lines(args, rows))
@@ -79,8 +78,7 @@ def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str
     out = [START, f"## ALBERT-style all-MiniLM-L6-v2: one shared layer, factorised embedding (E={args.rank})", "",
            "`sharing.cross_layer` (share: all, groups: 1, init: mean) + `sharing.embedding` "
            f"(rank: {args.rank}; word and position tables), then distilled from the original on the 2,573 Lee "
-           "background sentences (augmented: each epoch a fresh random crop of half of them and 10% of words "
-           "replaced by random vocabulary words, when the training column says so; cosine on the sentence embedding + cosine on the 6 layers' hidden states, "
+           f"background sentences ({md.AUGMENTED}; cosine on the sentence embedding + cosine on the 6 layers' hidden states, "
            f"weight {args.hidden_weight:g}; AdamW, cosine schedule), budget including a timing pass. "
            "Parameters are unique ones (a shared weight counts once).", "",
            "| model | parameters | fewer | MR cosine | Lee Pearson | % of original | WS-353 | % of original "
@@ -95,8 +93,7 @@ def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str
             *([args.note] if args.note else []),
             f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/sharing_albert_minilm.py --rank {args.rank} "
             f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
-            f"Machine: "
-            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
+            f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
             f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", END]
     return out
 
