@@ -22,7 +22,7 @@ import pytest
 
 import torchslim
 from torchslim.errors import TorchslimError
-from torchslim.nas.postgres import Server, throwaway_server
+from torchslim.nas.postgres import SETUP, Server, throwaway_server
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -51,7 +51,7 @@ def _start(stack: contextlib.ExitStack, **options: Any) -> Server:
     try:
         return stack.enter_context(throwaway_server(**options))
     except TorchslimError as exc:
-        if "make setup" in str(exc):  # binaries, `postgres` user or driver missing: not a failure
+        if SETUP in str(exc):  # binaries, `postgres` user or driver missing: not a failure
             pytest.skip(str(exc))
         raise
 
