@@ -165,6 +165,66 @@ def test_onnx_runtime_runs_int8_kernels_and_matches_pytorch(tmp_path: Path) -> N
     assert (theirs.argmax(1) == ours.argmax(1)).float().mean() >= 0.99
 
 
+class _PoolNet(nn.Module):
+    """conv -> max-pool -> residual block -> conv -> max-pool -> flatten -> linear, like fashion_cnn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.flatten(self.down(x), 1))
+
+
+def test_layers_after_max_pooling_reuse_the_grid_and_run_in_uint8(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.export.onnx import OnnxModule, export_onnx
+    from torchslim.export.qdq_graph import share_grids
+
+    q = ts.apply(_PoolNet().eval(), PTQConfig(), _ctx()).model
+    # conv1 reads the stem's max-pooled output, fc the flattened pooled output of down
+    for layer, source in ((q.conv1, q.stem[0]), (q.fc, q.down[0])):
+        assert layer.quantize_input
+        assert float(layer.input_scale) == float(source.output_scale)
+        assert int(layer.input_zero_point) == int(source.output_zero_point)
+    x = _batches(1)[0]
+    with torch.no_grad():
+        ours = q(x)
+        for layer in (q.conv1, q.fc):  # rounding to the source's grid is the identity there
+            layer.quantize_input = False
+        assert torch.equal(q(x), ours)
+        for layer in (q.conv1, q.fc):
+            layer.quantize_input = True
+    export_onnx(q, x[:2], tmp_path / "m.onnx")
+    assert share_grids(tmp_path / "m.onnx") == 0  # export_onnx has already rewritten it
+    ops = _ort_ops(tmp_path / "m.onnx", tmp_path)
+    assert "QLinearAdd" in ops, ops  # both inputs of the residual add are now int8
+    assert "MaxPool" not in ops and ops.count("NhwcMaxPool") == 2, ops
+    assert ops.count("DequantizeLinear") <= 1, ops
+    theirs = OnnxModule(tmp_path / "m.onnx")(x)
+    assert (theirs.argmax(1) == ours.argmax(1)).float().mean() >= 0.99
+    assert torch.nn.functional.cosine_similarity(theirs, ours).min() > 0.99
+
+
+def test_grid_sharing_leaves_float_graphs_alone(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.export.onnx import export_onnx
+    from torchslim.export.qdq_graph import share_grids
+
+    export_onnx(_PoolNet().eval(), _batches(1)[0][:2], tmp_path / "f.onnx")
+    before = onnx.load(str(tmp_path / "f.onnx")).SerializeToString()
+    assert share_grids(tmp_path / "f.onnx") == 0
+    assert onnx.load(str(tmp_path / "f.onnx")).SerializeToString() == before
+
+
 def test_ptq_bad_input() -> None:
     with pytest.raises(ConfigError, match="weight_bits"):
         PTQConfig(weight_bits=9)

@@ -17,6 +17,7 @@ from torch import nn
 
 from torchslim.core.storage import temp_path
 from torchslim.errors import DataError, ExportError, OutputError
+from torchslim.export.qdq_graph import share_grids
 
 __all__ = ["OnnxModule", "export_onnx", "onnx_latency"]
 
@@ -41,7 +42,8 @@ def export_onnx(
 
     The dynamo exporter (``torch.onnx.export(dynamo=True)``) is tried first, with the
     translations of torchslim's custom ops (``core.onnx_ops``); the TorchScript exporter is
-    the fallback. The graph is always the inference graph: the model is exported in eval
+    the fallback. In a quantized (QDQ) graph, max-pooling and reshapes of int8 tensors get the
+    grid of their input (``export.qdq_graph``), so ONNX Runtime runs them in uint8. The graph is always the inference graph: the model is exported in eval
     mode, and every module's train/eval mode and every parameter's ``requires_grad`` are
     restored afterwards. The file is written under a temporary name and renamed only after
     it passed verification. Weights are stored inside the file, so models over 2 GB (which
@@ -73,6 +75,7 @@ def export_onnx(
         tmp = temp_path(path)
         try:
             facts, traced = _export_file(model, inputs, tmp, opset)
+            share_grids(tmp)  # exact: keeps int8 tensors int8 across max-pooling and reshapes
             info: dict[str, Any] = {"path": str(path), "bytes": tmp.stat().st_size, **facts}
             if verify:
                 info.update(_verify(model, tmp, inputs, traced, min_cosine))

@@ -88,7 +88,10 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     """Observe every fused layer's input and output over ``batches``; choose their grids.
 
     A layer whose input is exactly another fused layer's output (the same tensor) reuses that
-    layer's output grid and does not round its input again; a layer whose output is the
+    layer's output grid and does not round its input again. A layer whose input only picks
+    values of the layer that ran just before it (max-pooling, flattening) reuses that grid too
+    and rounds its input to it, which changes nothing in PyTorch and lets the exported graph
+    stay in uint8 across those ops (``export.qdq_graph``). A layer whose output is the
     model's output keeps it in float. Two passes when the observer needs a histogram.
     """
     layers = {fqn: model.get_submodule(fqn) for fqn in fusions}
@@ -96,6 +99,8 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     obs_out = {fqn: Observer() for fqn in layers}
     producer: dict[int, str] = {}
     fed_by: dict[str, str | None] = {}
+    picks_from: dict[str, str] = {}  # layer -> the layer just before it whose values its input picks
+    last: list[tuple[str, torch.Tensor]] = []  # the latest layer to run on the first batch, its output
     keep: list[torch.Tensor] = []  # holds the first batch's tensors so their ids stay unique
 
     def run(pass_: str) -> None:
@@ -119,8 +124,11 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             if first:
                 keep.extend((x, y))
                 fed_by[fqn] = producer.get(id(x))
+                if fed_by[fqn] is None and last and _picks_values(x, last[0][1]):
+                    picks_from[fqn] = last[0][0]
                 producer[id(y)] = fqn
                 id_out[fqn] = id(y)
+                last[:] = [(fqn, y)]
         else:
             obs_in[fqn].see_values(x)
             obs_out[fqn].see_values(y)
@@ -150,8 +158,11 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     inputs, quantize_input, sources = {}, {}, {}
     for fqn in layers:
         source = fed_by.get(fqn)
+        picked = picks_from.get(fqn)
         if source is not None and not finals[source]:
             inputs[fqn], quantize_input[fqn], sources[fqn] = outputs[source], False, source
+        elif picked is not None and not finals[picked]:
+            inputs[fqn], quantize_input[fqn], sources[fqn] = outputs[picked], True, picked
         else:
             lo, hi = choose_range(obs_in[fqn], observer, bits, percentile)
             grid = QuantGrid(*act_qparams(lo, hi, bits), qmax=(1 << bits) - 1)
@@ -188,6 +199,16 @@ def _hooks(layers: dict[str, nn.Module], see: Any) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _picks_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is a value of ``y`` (per batch, as after max-pooling or flattening)."""
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.numel() > y.numel():
+        return False
+    xs, ys = x.detach().flatten(), y.detach().flatten()
+    if xs.numel() == 0 or xs.min() < ys.min() or xs.max() > ys.max():
+        return False
+    return bool(torch.isin(xs, ys).all())
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

@@ -55,7 +55,10 @@ class PTQConfig(MethodConfig):
         cannot be traced) becomes one ``QDQConv2d`` / ``QDQLinear`` whose output grid starts at 0.
         The model runs in int8 where it is deployed: ``torchslim export --format onnx`` writes
         QuantizeLinear/DequantizeLinear nodes that ONNX Runtime fuses into QLinearConv /
-        QGemm int8 kernels; the report's deployment table measures that engine. In PyTorch
+        QGemm int8 kernels; the report's deployment table measures that engine. A layer whose
+        input only max-pools or flattens the previous layer's output reuses that layer's grid,
+        so max-pooling and residual adds between int8 layers run in uint8 there too
+        (NhwcMaxPool, QLinearAdd) with no extra rounding. In PyTorch
         the same arithmetic runs in float (a faithful reference, not a fast kernel). Layers of
         other types, and BatchNorms not directly after a selected layer, stay float (the layers
         are listed in a warning). Needs ``ctx.calib_data``; follow with ``quantization.qat`` if

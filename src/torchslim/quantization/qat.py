@@ -111,7 +111,9 @@ class FakeQuantLayer(nn.Module):
                  lsq: bool, momentum: float) -> None:
         super().__init__()
         self.layer, self.activation = fused.layer, fused.activation
-        self.quantize_input, self.quantize_output = cal.quantize_input[fqn], cal.quantize_output[fqn]
+        # an input on another layer's grid (directly, or through max-pooling) is already rounded
+        self.quantize_input = cal.quantize_input[fqn] and fqn not in cal.sources
+        self.quantize_output = cal.quantize_output[fqn]
         self.lsq, self.momentum = lsq, momentum
         self.wmax, self.amax = (1 << (weight_bits - 1)) - 1, (1 << activation_bits) - 1
         w = self.layer.weight.detach()
