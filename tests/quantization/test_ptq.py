@@ -212,6 +212,20 @@ def test_layers_after_max_pooling_reuse_the_grid_and_run_in_uint8(tmp_path: Path
     assert torch.nn.functional.cosine_similarity(theirs, ours).min() > 0.99
 
 
+def test_qat_keeps_the_grid_shared_across_max_pooling() -> None:
+    model = _PoolNet().eval()
+    data = [(x, model(x).argmax(1).detach()) for x in _batches(4)]
+    ctx = ts.Context(example_inputs=data[0][0][:2], train_data=data, calib_data=[x for x, _ in data], seed=0)
+    q = ts.compress(model, Recipe.single(QATConfig(estimator="lsq"), TrainSpec(epochs=1, lr=1e-3)), ctx).model
+    x = data[0][0]
+    with torch.no_grad():
+        ours = q(x)
+        for layer, source in ((q.conv1, q.stem[0]), (q.fc, q.down[0])):  # the learned output grid is reused
+            assert float(layer.input_scale) == float(source.output_scale)
+            layer.quantize_input = False
+        assert torch.equal(q(x), ours)
+
+
 def test_grid_sharing_leaves_float_graphs_alone(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx

@@ -43,7 +43,8 @@ def export_onnx(
     The dynamo exporter (``torch.onnx.export(dynamo=True)``) is tried first, with the
     translations of torchslim's custom ops (``core.onnx_ops``); the TorchScript exporter is
     the fallback. In a quantized (QDQ) graph, max-pooling and reshapes of int8 tensors get the
-    grid of their input (``export.qdq_graph``), so ONNX Runtime runs them in uint8. The graph is always the inference graph: the model is exported in eval
+    grid of their input (``export.qdq_graph``), so ONNX Runtime runs them in uint8. The graph
+    is always the inference graph: the model is exported in eval
     mode, and every module's train/eval mode and every parameter's ``requires_grad`` are
     restored afterwards. The file is written under a temporary name and renamed only after
     it passed verification. Weights are stored inside the file, so models over 2 GB (which
