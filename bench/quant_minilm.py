@@ -52,6 +52,22 @@ def _ort_call(session: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], An
     return lambda: session.run(None, feed)
 
 
+def _verdict(latency: dict[str, float], quality: dict[str, dict[str, float]]) -> str:
+    """The result line: our best engine against fp32 and against each peer, with the quality drops."""
+    base = latency["fp32 torch"]
+    ours = min(latency["torchslim int8 torch"], latency["torchslim int8 onnxruntime"])
+    peers = {n: latency[n] for n in ("torch.ao dynamic int8", "onnxruntime quantize_dynamic")}
+    drops = {n: (quality["fp32 torch"]["lee_pearson"] - q["lee_pearson"], quality["fp32 torch"]["ws353"] - q["ws353"])
+             for n, q in quality.items() if n != "fp32 torch"}
+    slower = [f"{n} ({base / ms:.2f}x)" for n, ms in peers.items() if ms < ours]
+    lee, ws = drops["torchslim int8 torch"]
+    peer_lee, peer_ws = drops["torch.ao dynamic int8"]
+    return (f"Result: torchslim int8 {base / ours:.2f}x faster than fp32 (Lee drop {lee:+.4f}, WS-353 drop {ws:+.4f}; "
+            f"torch.ao drops {peer_lee:+.4f} / {peer_ws:+.4f}). "
+            + (f"Faster than torchslim here: {', '.join(slower)}, so 'faster than both peers' is not met."
+               if slower else "Faster than both peers."))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -101,6 +117,7 @@ def main() -> None:
         lines.append(f"| {name} | {engine} | {ms:.1f} | {base / ms:.2f}x | {scores} |")
     lines += ["", f"torchslim int8: ONNX Runtime vs PyTorch, minimum cosine of the 8 embeddings {agreement:.6f} "
               "(target 0.999; single Linear layers agree to 1e-5, the gap over 6 encoder layers is not yet explained).",
+              _verdict(latency, quality),
               "Targets (issue 13): >= 2.0x faster than fp32 and faster than both peers, Lee Pearson drop <= 0.01, "
               "WS-353 drop <= 0.02.",
               f"Machine: {platform.processor() or platform.machine()}, 2 threads, shared (load average "
