@@ -38,11 +38,13 @@ ORT_QUALITY = {"fp32 onnxruntime": "= fp32 torch (same model) | ",
                "onnxruntime quantize_dynamic": "not measured (fixed-shape export) | "}
 
 
-def _ort_session(path: Path) -> Any:
+def _ort_session(path: Path, optimize: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -50,6 +52,23 @@ def _ort_call(session: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], An
     names = [i.name for i in session.get_inputs()]
     feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
     return lambda: session.run(None, feed)
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+@torch.inference_mode()
+def _nudged_self_cosine(model: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> float:
+    """The model against itself with its word embeddings changed at float rounding level (1e-7 relative)."""
+    emb = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    saved = emb.weight.detach().clone()
+    noise = torch.randn(saved.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        emb.weight.mul_(1 + 1e-7 * noise)
+        return _min_cosine(out, model(*inputs))
+    finally:
+        emb.weight.copy_(saved)
 
 
 def _verdict(latency: dict[str, float], quality: dict[str, dict[str, float]]) -> str:
@@ -100,7 +119,10 @@ def main() -> None:
     with torch.inference_mode():
         torch_out = ours(*inputs)
     ort_out = torch.from_numpy(calls["torchslim int8 onnxruntime"]()[0])
-    agreement = float(nn.functional.cosine_similarity(torch_out, ort_out, dim=-1).min())
+    agreement = _min_cosine(torch_out, ort_out)
+    unoptimized = _ort_session(tmp / "ours.onnx", optimize=False)
+    ort_self = _min_cosine(ort_out, torch.from_numpy(_ort_call(unoptimized, inputs)()[0]))
+    torch_self = _nudged_self_cosine(ours, inputs, torch_out)
     quality = {n: minilm.evaluate_minilm(m, tok) for n, m in
                {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch}.items()}
     for n in latency:
@@ -116,7 +138,10 @@ def main() -> None:
         engine = "onnxruntime" if "onnxruntime" in name else "torch"
         lines.append(f"| {name} | {engine} | {ms:.1f} | {base / ms:.2f}x | {scores} |")
     lines += ["", f"torchslim int8: ONNX Runtime vs PyTorch, minimum cosine of the 8 embeddings {agreement:.6f} "
-              "(target 0.999; single Linear layers agree to 1e-5, the gap over 6 encoder layers is not yet explained).",
+              f"(target 0.999). For scale: ONNX Runtime optimized vs unoptimized on the same file {ort_self:.6f}; "
+              "PyTorch int8 against itself with the word embeddings multiplied by (1 + 1e-7 noise), "
+              f"{torch_self:.6f}. Per-row rounding redraws its error on any float-level change of the inputs, so "
+              "two exact implementations of the same int8 arithmetic differ by about that much.",
               _verdict(latency, quality),
               "Targets (issue 13): >= 2.0x faster than fp32 and faster than both peers, Lee Pearson drop <= 0.01, "
               "WS-353 drop <= 0.02.",
