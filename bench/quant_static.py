@@ -99,7 +99,7 @@ def _peer_quantize(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
 
 
 def _bench(label: str, fp32: nn.Module, ours: nn.Module, calib: list[torch.Tensor], test: TensorDataset,
-           rounds: int, qat: nn.Module, control: nn.Module, qat_note: str) -> list[str]:
+           rounds: int, qat: nn.Module, control: nn.Module, qat_note: str, plain: nn.Module) -> list[str]:
     images, labels = test.tensors
     tmp = Path(tempfile.mkdtemp())
     x1 = images[:1]
@@ -109,6 +109,7 @@ def _bench(label: str, fp32: nn.Module, ours: nn.Module, calib: list[torch.Tenso
     _peer_quantize(tmp / "fp32.onnx", tmp / "peer.onnx", calib)
     sessions = {n: _session(tmp / f"{n}.onnx") for n in ("fp32", "ours", "peer", "qat")}
     logits = {"fp32 torch": _torch_logits(fp32, images),
+              "torchslim int8 without bias correction (PyTorch reference)": _torch_logits(plain, images),
               "torchslim int8 (PyTorch reference)": _torch_logits(ours, images),
               "torchslim int8 onnxruntime": _ort_logits(sessions["ours"], images),
               "onnxruntime quantize_static int8": _ort_logits(sessions["peer"], images),
@@ -187,7 +188,8 @@ def main() -> None:
     torch.manual_seed(0)
     lines = ["# Static int8: torchslim vs ONNX Runtime quantize_static (same run)", "",
              "Calibration: the same 256 training images (8 batches of 32) for both tools; torchslim uses its "
-             "default `mse` observer, ONNX Runtime its default MinMax, both per-channel int8 weights "
+             "default `mse` observer and `bias_correction: true` (the row without it is given too), ONNX "
+             "Runtime its default MinMax, both per-channel int8 weights "
              "and uint8 activations in QDQ format. Latency: batch 1, median of per-round medians over "
              f"{args.rounds} alternating rounds of 30 calls.", ""]
 
@@ -197,22 +199,24 @@ def main() -> None:
     test = head(mobilenet.fashion_probe_data("test"), args.test)
     ctx = ts.Context(example_inputs=calib[0][:1], calib_data=calib, seed=0,
                      train_data=loader(train, 32, shuffle=True, seed=0))
-    ours = ts.apply(copy.deepcopy(probe), PTQConfig(), ctx).model.eval()
+    plain = ts.apply(copy.deepcopy(probe), PTQConfig(), ctx).model.eval()
+    ours = ts.apply(copy.deepcopy(probe), PTQConfig(bias_correction=True), ctx).model.eval()
     qat, control = _qat_and_control(probe, ctx, lr=1e-4)
     lines += _bench("MobileNetV2 (ImageNet weights) + Fashion-MNIST linear probe, 1x1x96x96", probe, ours,
                     calib, test, args.rounds, qat, control,
-                    f"1 epoch over the probe's {mobilenet.PROBE_TRAIN:,} training images, batch 32, lr 1e-4")
+                    f"1 epoch over the probe's {mobilenet.PROBE_TRAIN:,} training images, batch 32, lr 1e-4", plain)
 
     cnn = pretrained_fashion_cnn().eval()
     ftrain = fashion_mnist("train")
     calib = list(ftrain.tensors[0][:256].split(32))
     fctx = ts.Context(example_inputs=calib[0][:1], calib_data=calib, seed=0,
                       train_data=loader(head(ftrain, 12_000), 64, shuffle=True, seed=0))
-    ours = ts.apply(copy.deepcopy(cnn), PTQConfig(), fctx).model.eval()
+    plain = ts.apply(copy.deepcopy(cnn), PTQConfig(), fctx).model.eval()
+    ours = ts.apply(copy.deepcopy(cnn), PTQConfig(bias_correction=True), fctx).model.eval()
     qat, control = _qat_and_control(cnn, fctx, lr=1e-4)
     lines += _bench("fashion_cnn (bundled, pretrained), 1x1x28x28", cnn, ours, calib,
                     head(fashion_mnist("test"), args.test), args.rounds, qat, control,
-                    "1 epoch over 12,000 training images, batch 64, lr 1e-4")
+                    "1 epoch over 12,000 training images, batch 64, lr 1e-4", plain)
     lines += ["Targets (issue 13): accuracy drop <= 0.5 point (QAT closes what PTQ loses); latency at least ONNX "
               "Runtime's own int8; top-1 agreement >= 99%.",
               f"Machine: {platform.processor() or platform.machine()}, 2 threads, shared (load average "

@@ -165,6 +165,28 @@ def test_onnx_runtime_runs_int8_kernels_and_matches_pytorch(tmp_path: Path) -> N
     assert (theirs.argmax(1) == ours.argmax(1)).float().mean() >= 0.99
 
 
+def test_bias_correction_removes_the_mean_shift_of_every_channel() -> None:
+    model = _cnn()
+    batches = _batches()
+    ctx = ts.Context(example_inputs=batches[0][:2], calib_data=batches, seed=0)
+    cfg = dict(weight_bits=4, activation_bits=4, observer="minmax")
+    plain = ts.apply(copy.deepcopy(model), PTQConfig(**cfg), ctx).model
+    corrected = ts.apply(copy.deepcopy(model), PTQConfig(**cfg, bias_correction=True), ctx)
+    assert corrected.record.outcomes[-1].stats["bias_corrected"] == 4
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in batches])
+        shift_plain = (torch.cat([plain(b) for b in batches]) - ref).mean(0).abs().max()
+        shift = (torch.cat([corrected.model(b) for b in batches]) - ref).mean(0).abs().max()
+    # the logits are the last layer's pre-activation: their mean now matches up to half a bias step
+    half_step = 0.5 * float(corrected.model[-1].bias_scale.max()) + 1e-6
+    assert shift <= half_step < shift_plain / 4, (float(shift_plain), float(shift), half_step)
+    fresh = _batches(2)  # and the correction is not only fitted to the calibration batches
+    with torch.no_grad():
+        err = sum(float((plain(x) - model(x)).norm()) for x in fresh)
+        err_corrected = sum(float((corrected.model(x) - model(x)).norm()) for x in fresh)
+    assert err_corrected < err
+
+
 class _PoolNet(nn.Module):
     """conv -> max-pool -> residual block -> conv -> max-pool -> flatten -> linear, like fashion_cnn."""
 

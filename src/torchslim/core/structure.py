@@ -286,7 +286,7 @@ def _resize(target: nn.Module, shapes: Any, where: str) -> None:
         raise OutputError(f"{where}: 'shapes' must map tensor names to shapes, found {shapes!r}")
     for name, shape in shapes.items():
         old = getattr(target, name, None) if isinstance(name, str) else None
-        valid = (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+        valid = (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)  # not bool
                  and math.prod(shape) <= MAX_ELEMENTS)
         if not isinstance(old, torch.Tensor) or not valid:
             raise OutputError(f"{where}: cannot resize {name!r} of {type(target).__name__} to {shape!r}")

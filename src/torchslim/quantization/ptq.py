@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import ClassVar
 
 from torch import nn
 
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register
+from torchslim.quantization._bias import correct_biases
 from torchslim.quantization._static import calibrate, fuse, to_qdq
 from torchslim.quantization.observers import OBSERVERS
 
@@ -29,7 +31,9 @@ class PTQConfig(MethodConfig):
 
     Paper: Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877;
-    histogram observer: Migacz, "8-bit Inference with TensorRT", GTC 2017 (KL calibration).
+    histogram observer: Migacz, "8-bit Inference with TensorRT", GTC 2017 (KL calibration);
+    bias correction: Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+    Correction", ICCV 2019, https://arxiv.org/abs/1906.04721.
 
     Args:
         weight_bits: Bits per weight, 2..8: symmetric, one scale per output channel.
@@ -42,12 +46,18 @@ class PTQConfig(MethodConfig):
         batches: Calibration batches read from ``ctx.calib_data``.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets`` (they stay float).
+        bias_correction: After rounding, shift each layer's int32 bias, layer by layer, so its
+            mean output per channel on the calibration data equals the float layer's (Nagel
+            et al. 2019, measured means). Costs a float copy of the model and one pass over
+            the calibration data per layer (each stopped at that layer); see
+            docs/benchmarks/quantization-static.md for what it recovers.
 
     Recipe:
         - method: quantization.ptq
           weight_bits: 8
           activation_bits: 8
           observer: mse
+          bias_correction: true
 
     Notes:
         Each selected ``Conv2d`` / ``Linear`` whose output goes straight into a BatchNorm and a
@@ -73,6 +83,7 @@ class PTQConfig(MethodConfig):
     batches: int = 32
     targets: tuple[str, ...] = ("type:Conv2d", "type:Linear")
     ignore: tuple[str, ...] = ()
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         check_static_bits(_NAME, self.weight_bits, self.activation_bits)
@@ -89,11 +100,17 @@ def apply(model: nn.Module, cfg: PTQConfig, ctx: Context) -> Outcome:
     batches = calibration_inputs(ctx, cfg.batches, _NAME)
     fusions = fuse(model, cfg.targets, cfg.ignore, _NAME)
     cal = calibrate(model, fusions, batches, cfg.observer, cfg.activation_bits, cfg.percentile)
+    reference = copy.deepcopy(model).eval() if cfg.bias_correction else None  # the fused float model
     replaced = to_qdq(model, fusions, cal, cfg.weight_bits, cfg.activation_bits)
+    if reference is not None:
+        training = model.training
+        correct_biases(model.eval(), reference, list(fusions), batches)
+        model.train(training)
     absorbed = [f for fusion in fusions.values() for f in fusion.absorbed()]
     return Outcome(
         model=model, touched=replaced, structure={f: {} for f in (*replaced, *absorbed)},
         stats={"layers": len(replaced), "fused_batchnorms": sum(f.norm is not None for f in fusions.values()),
-               "fused_activations": sum(f.activation != "none" for f in fusions.values())},
+               "fused_activations": sum(f.activation != "none" for f in fusions.values()),
+               "bias_corrected": len(fusions) if cfg.bias_correction else 0},
         layers={f: {"input_scale": round(cal.inputs[f].scale, 6),
                     "output_scale": round(cal.outputs[f].scale, 6)} for f in replaced})

@@ -145,10 +145,13 @@ class QDQConv2d(_QDQ):
         return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
                    padding, tuple(conv.dilation), conv.groups, **quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of the rounded input, before the fused activation and output rounding."""
         w, b = self._weights()
-        y = F.conv2d(self._input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
-        return self._output(y)
+        return F.conv2d(self._input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._output(self.pre_activation(x))
 
     def spec_kwargs(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -177,9 +180,13 @@ class QDQLinear(_QDQ):
         """An empty layer with ``linear``'s shape (call ``set_quant`` to fill it)."""
         return cls(linear.in_features, linear.out_features, **quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The product with the rounded input, before the fused activation and output rounding."""
         w, b = self._weights()
-        return self._output(F.linear(self._input(x), w, b))
+        return F.linear(self._input(x), w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._output(self.pre_activation(x))
 
     def spec_kwargs(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, **self._quant_kwargs()}
