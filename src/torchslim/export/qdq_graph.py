@@ -8,7 +8,8 @@ runs it in float (with layout conversions around it), and an ``Add`` fed by it c
 become ``QLinearAdd``. ``share_grids`` inserts ``QuantizeLinear -> DequantizeLinear`` with
 the input's own scale and zero point after each such op. On values already on that grid the
 pair is the identity, so the model computes exactly the same numbers; ONNX Runtime then fuses
-the ops into uint8 kernels. A QuantizeLinear that follows with the same grid is dropped.
+the ops into uint8 kernels. A QuantizeLinear that already follows with the same grid is
+reused rather than doubled.
 """
 
 from __future__ import annotations
