@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from torchslim.core.layerwise import model_call
-from torchslim.quantization._static import FusedFloat
 from torchslim.quantization.static_modules import QDQConv2d, QDQLinear
 
 __all__ = ["correct_biases"]
 
 
 class _Reached(Exception):
-    """Raised by a hook to stop the forward pass once the layer being corrected has run."""
+    """Raised by a hook to stop the forward pass at the layer being corrected."""
 
 
 def _channel_mean(y: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -37,7 +36,7 @@ def correct_biases(quantized: nn.Module, reference: nn.Module, layers: list[str]
     """Shift the int32 bias of each of ``layers`` (QDQ layers of ``quantized``, in execution
     order) so its mean pre-activation over ``batches`` equals that of the same-named float
     layer of ``reference`` (a model of ``FusedFloat`` layers with the same names)."""
-    targets = _float_means(quantized, reference, layers, batches)
+    targets = _float_means(reference, layers, batches)
     limit = 2.0**31 - 1
     for fqn in layers:
         layer = quantized.get_submodule(fqn)
@@ -49,20 +48,17 @@ def correct_biases(quantized: nn.Module, reference: nn.Module, layers: list[str]
         layer.qbias.copy_(torch.round(layer.qbias.double() - shift).clamp_(-limit, limit).to(torch.int32))
 
 
-def _float_means(quantized: nn.Module, reference: nn.Module, layers: list[str],
-                 batches: list[Any]) -> dict[str, torch.Tensor]:
-    """Per layer, the mean pre-activation of each channel of the float reference."""
+def _float_means(reference: nn.Module, layers: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
+    """Per layer, the mean pre-activation of each channel of the float reference: the output
+    of the Conv2d / Linear inside each ``FusedFloat``, before its activation."""
     means: dict[str, torch.Tensor] = {}
 
-    convs = {fqn for fqn in layers if isinstance(quantized.get_submodule(fqn), QDQConv2d)}
-
-    def see(fqn: str, module: nn.Module, x: torch.Tensor) -> None:
-        assert isinstance(module, FusedFloat)
-        mean = _channel_mean(module.layer(x), fqn in convs) / len(batches)
+    def see(fqn: str, module: nn.Module, y: torch.Tensor) -> None:
+        mean = _channel_mean(y, isinstance(module, nn.Conv2d)) / len(batches)
         means[fqn] = means[fqn] + mean if fqn in means else mean
 
-    handles = [reference.get_submodule(fqn).register_forward_hook(
-        lambda m, args, _out, fqn=fqn: see(fqn, m, args[0])) for fqn in layers]
+    handles = [reference.get_submodule(f"{fqn}.layer").register_forward_hook(
+        lambda m, _args, out, fqn=fqn: see(fqn, m, out)) for fqn in layers]
     try:
         for batch in batches:
             args, kwargs = model_call(reference, batch)
@@ -75,14 +71,14 @@ def _float_means(quantized: nn.Module, reference: nn.Module, layers: list[str],
 
 def _int8_mean(quantized: nn.Module, layer: QDQConv2d | QDQLinear, batches: list[Any]) -> torch.Tensor | None:
     """The mean pre-activation of each channel of ``layer`` in the int8 model; each forward pass
-    stops as soon as the layer has run."""
+    stops when it reaches the layer, which computes its pre-activation once, in the hook."""
     seen: list[torch.Tensor] = []
 
-    def stop(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+    def stop(_m: nn.Module, args: tuple[Any, ...]) -> None:
         seen.append(_channel_mean(layer.pre_activation(args[0]), isinstance(layer, QDQConv2d)))
         raise _Reached
 
-    handle = layer.register_forward_hook(stop)
+    handle = layer.register_forward_pre_hook(stop)
     try:
         for batch in batches:
             args, kwargs = model_call(quantized, batch)
