@@ -39,6 +39,11 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fresh cropped / word-replaced variants of the sentences every epoch")
 
 
+def run_flags(args: argparse.Namespace) -> str:
+    """The ``run_arguments`` options of a run as they are typed, for a doc's reproduce line."""
+    return (" --augment" if args.augment else "") + (f" --threads {args.threads}" if args.threads != 2 else "")
+
+
 def distill_arguments(parser: argparse.ArgumentParser, lr: float) -> None:
     """The command-line options of ``distill`` shared by the MiniLM compression benches."""
     parser.add_argument("--lr", type=float, default=lr)
@@ -84,30 +89,38 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
             hidden_weight: float = 1.0, augment: bool = False) -> tuple[nn.Module, dict[str, float]]:
     """``student`` distilled from ``teacher`` on Lee background sentences within ``minutes``.
 
-    Copies of the student first train on 2 and on 10 batches: their difference times a batch,
+    Copies of the student first train on 2 and on 10 batches: their difference times a token,
     the rest is the fixed cost of a run (hooks, probes, the record). The epochs are then the whole
-    ones that fit in what is left of the budget (at least one). ``augment`` trains on fresh
-    ``Augmented`` variants of the sentences every epoch instead of the same batches.
+    ones that fit in what is left of the budget (at least one), an epoch costing its tokens.
+    ``augment`` trains on fresh ``Augmented`` variants of the sentences every epoch instead of
+    the same batches (timed on such variants too: cropped sentences are shorter).
     """
     started = time.perf_counter()
     sentences = list(minilm.lee_background_sentences())
     data = batches(tok, sentences)
     example = data[0][0]
+    timed = list(Augmented(tok, sentences, seed=1)) if augment else data
     took = []
     for n in (2, 10):
         probe = time.perf_counter()
-        _run(copy.deepcopy(student), teacher, data[:n], example, 1, lr, hidden_weight)
+        _run(copy.deepcopy(student), teacher, timed[:n], example, 1, lr, hidden_weight)
         took.append(time.perf_counter() - probe)
-    per_batch = max((took[1] - took[0]) / 8, 1e-3)
-    fixed = max(took[0] - 2 * per_batch, 0.0)
+    per_token = max((took[1] - took[0]) / _tokens(timed[2:10]), 1e-9)
+    fixed = max(took[0] - per_token * _tokens(timed[:2]), 0.0)
     left = minutes * 60 - (time.perf_counter() - started) - fixed
-    epochs = max(int(0.95 * left / (per_batch * len(data))), 1)
-    print(f"{per_batch:.3f} s per batch + {fixed:.1f} s per run, {len(data)} batches -> {epochs} epochs "
+    epoch = per_token * _tokens(timed)
+    epochs = max(int(0.95 * left / epoch), 1)
+    print(f"{epoch:.0f} s per epoch ({len(data)} batches) + {fixed:.1f} s per run -> {epochs} epochs "
           f"in {minutes} minutes", flush=True)
     train = Augmented(tok, sentences) if augment else data
     model = _run(student, teacher, train, example, epochs, lr, hidden_weight)
     return model.eval(), {"minutes": (time.perf_counter() - started) / 60, "epochs": float(epochs),
                           "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment)}
+
+
+def _tokens(data: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> int:
+    """Padded tokens in ``data``: what a pass over it costs, near enough."""
+    return sum(int(inputs["input_ids"].numel()) for inputs, _ in data)
 
 
 def score(model: nn.Module, original: nn.Module, tok: Any, reference: torch.Tensor,

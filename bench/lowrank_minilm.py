@@ -174,7 +174,7 @@ def distilled_lines(args: argparse.Namespace, rows: dict, energy: float, ranks: 
     lines += ["", "Targets (issue 16): >= 1.5x faster, MR cosine >= 0.90, Lee Pearson and WS-353 each >= 95% of "
               "the original's, <= 30 minutes of distillation on 2 cores.", *([args.note] if args.note else []),
               f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/lowrank_minilm.py --rank {args.rank} "
-              f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
+              f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{md.run_flags(args)}`. "
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", DEND]
     return lines

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
-from torchslim.export.onnx import export_onnx
+from torchslim.export.onnx import OnnxModule, export_onnx
 from torchslim.measure.latency import measure_latency
 from torchslim.quantization import DynamicQuantizationConfig
 from torchslim.zoo import minilm
@@ -36,16 +36,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantizatio
 ORT_QUALITY = {"fp32 onnxruntime": "= fp32 torch (same model) | ",
                "torchslim int8 onnxruntime": "~ torchslim int8 torch (agreement below) | ",
                "onnxruntime quantize_dynamic": "not measured (fixed-shape export) | "}
-
-
-def _ort_session(path: Path, optimize: bool = True) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _ort_call(session: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
@@ -109,7 +99,7 @@ def main() -> None:
         calls[name] = (lambda m: lambda: m(*inputs))(model)
     for name, file in {"fp32 onnxruntime": "fp32", "torchslim int8 onnxruntime": "ours",
                        "onnxruntime quantize_dynamic": "ort_int8"}.items():
-        calls[name] = _ort_call(_ort_session(tmp / f"{file}.onnx"), inputs)
+        calls[name] = _ort_call(OnnxModule(tmp / f"{file}.onnx").session, inputs)
     rounds: dict[str, list[float]] = {n: [] for n in calls}
     with torch.inference_mode():
         for _ in range(args.rounds):
@@ -120,7 +110,7 @@ def main() -> None:
         torch_out = ours(*inputs)
     ort_out = torch.from_numpy(calls["torchslim int8 onnxruntime"]()[0])
     agreement = _min_cosine(torch_out, ort_out)
-    unoptimized = _ort_session(tmp / "ours.onnx", optimize=False)
+    unoptimized = OnnxModule(tmp / "ours.onnx", optimize=False).session
     ort_self = _min_cosine(ort_out, torch.from_numpy(_ort_call(unoptimized, inputs)()[0]))
     torch_self = _nudged_self_cosine(ours, inputs, torch_out)
     quality = {n: minilm.evaluate_minilm(m, tok) for n, m in

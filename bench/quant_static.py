@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import torchslim as ts
-from torchslim.export.onnx import export_onnx
+from torchslim.export.onnx import OnnxModule, export_onnx
 from torchslim.measure.latency import measure_latency
 from torchslim.quantization import PTQConfig
 from torchslim.quantization.qat import QATConfig
@@ -43,13 +43,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantizatio
 
 
 def _session(path: Path, optimize: bool = True) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    if not optimize:  # the graph as written: float ops between QuantizeLinear/DequantizeLinear nodes
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """ONNX Runtime on ``path``; ``optimize=False``: the graph as written (float ops between Q/DQ nodes)."""
+    return OnnxModule(path, optimize=optimize).session
 
 
 def _int8_graph(path: Path) -> str:

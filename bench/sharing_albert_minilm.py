@@ -8,7 +8,8 @@ would not shrink and stays), then distilled from the original on Lee background 
 within a wall-clock budget. Lee 50 documents, MR, WordSim-353 and SimLex are evaluation only.
 
 Run: flock /tmp/torchslim-bench.lock python bench/sharing_albert_minilm.py --distill-minutes 30
-Writes the <!-- albert --> section of docs/benchmarks/sharing-lowrank.md.
+Writes the <!-- albert --> section of docs/benchmarks/sharing-lowrank.md (E=128, the issue's width;
+``--rank 80`` writes its own <!-- albert-E80 --> section: 5x fewer parameters needs E <= 82).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from torchslim.sharing import CrossLayerSharingConfig, EmbeddingFactorizationCon
 from torchslim.zoo import minilm
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "sharing-lowrank.md"
-START, END = "<!-- albert -->", "<!-- /albert -->"
+
+
+def markers(rank: int) -> tuple[str, str]:
+    """The doc section of one code width: E=128 (the issue's) is ``albert``, others ``albert-E<rank>``."""
+    key = "albert" if rank == 128 else f"albert-E{rank}"
+    return f"<!-- {key} -->", f"<!-- /{key} -->"
 
 
 def params(model: torch.nn.Module) -> int:
@@ -60,6 +66,8 @@ def main() -> None:
         "original": {**minilm.evaluate_minilm(original, tok), "mr_cosine": 1.0, "speedup": 1.0,
                      "params": params(original), "train": "-"}}
     student = albert(original, args.rank)
+    per_width = params(student) - params(albert(original, args.rank - 1))
+    rows["original"]["per_width"] = per_width
     name = f"shared layers + embedding E={args.rank}"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore), "params": params(student), "train": "-"}
     print(name, rows[name], flush=True)
@@ -70,12 +78,16 @@ def main() -> None:
         "train": md.trained(info)}
     print(name + " + distilled", rows[name + " + distilled"], flush=True)
     if not (args.dry or args.explore):
-        write(lines(args, rows))
+        write(lines(args, rows), args.rank)
 
 
 def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str]:
     t = rows["original"]
-    out = [START, f"## ALBERT-style all-MiniLM-L6-v2: one shared layer, factorised embedding (E={args.rank})", "",
+    start, end = markers(args.rank)
+    student = rows[next(iter(n for n in rows if n != "original"))]
+    fixed = student["params"] - t["per_width"] * args.rank
+    widest = int((t["params"] / 5 - fixed) // t["per_width"])
+    out = [start, f"## ALBERT-style all-MiniLM-L6-v2: one shared layer, factorised embedding (E={args.rank})", "",
            "`sharing.cross_layer` (share: all, groups: 1, init: mean) + `sharing.embedding` "
            f"(rank: {args.rank}; word and position tables), then distilled from the original on the 2,573 Lee "
            f"background sentences ({md.AUGMENTED}; cosine on the sentence embedding + cosine on the 6 layers' hidden states, "
@@ -90,18 +102,23 @@ def lines(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[str
                    f"{r['speedup']:.2f}x | {r['train']} |")
     out += ["", "Issue 16 asks for ~5x fewer parameters, MR cosine to the original, and Lee / WordSim retained. "
             "Sharing saves compute nowhere (every token still runs 6 layers), so the speed-up stays near 1x.",
+            f"Parameter arithmetic, from the models: each unit of E costs {t['per_width']:,} parameters (the word and "
+            f"position code tables and their two projections); the shared layer, token-type table and final norms "
+            f"are {fixed / 1e6:.2f}M whatever E is. So {t['params'] / student['params']:.2f}x fewer at E={args.rank}, "
+            f"and 5x fewer needs E <= {widest}.",
             *([args.note] if args.note else []),
             f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/sharing_albert_minilm.py --rank {args.rank} "
-            f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{' --augment' if args.augment else ''}`. "
+            f"--distill-minutes {args.distill_minutes:g} --lr {args.lr:g}{md.run_flags(args)}`. "
             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared (load average "
-            f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", END]
+            f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}.", end]
     return out
 
 
-def write(section: list[str]) -> None:
+def write(section: list[str], rank: int) -> None:
+    start, end = markers(rank)
     text = DOC.read_text()
-    if START in text:
-        text = text[:text.index(START)] + "\n".join(section) + text[text.index(END) + len(END):]
+    if start in text:
+        text = text[:text.index(start)] + "\n".join(section) + text[text.index(end) + len(end):]
     else:
         at = text.index("\nSee also") if "\nSee also" in text else len(text)
         text = text[:at].rstrip("\n") + "\n\n" + "\n".join(section) + "\n" + text[at:]

@@ -86,6 +86,19 @@ def test_onnx_module_equals_the_session_and_pytorch_at_any_batch(exported: Expor
         torch.testing.assert_close(out, model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+def test_onnx_module_can_run_the_graph_unoptimized(exported: Exported) -> None:
+    import onnxruntime as ort
+
+    model, info, _ = exported["cnn"]
+    plain, tuned = OnnxModule(info["path"], optimize=False), OnnxModule(info["path"])
+    level = ort.GraphOptimizationLevel
+    assert plain.session.get_session_options().graph_optimization_level == level.ORT_DISABLE_ALL
+    assert tuned.session.get_session_options().graph_optimization_level != level.ORT_DISABLE_ALL
+    x = _INPUTS["cnn"](5)
+    torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain(x), tuned(x), rtol=1e-4, atol=1e-5)
+
+
 def test_eval_fn_scores_the_exported_model_like_the_torch_model(exported: Exported) -> None:
     model, info, _ = exported["cnn"]
     x = _INPUTS["cnn"](32)

@@ -96,16 +96,24 @@ class OnnxModule(nn.Module):
     inputs in order and returns torch tensors (a single output is returned as a tensor), on
     the device of the first input.
 
+    Args:
+        path: The ONNX file.
+        providers: ONNX Runtime execution providers, in order of preference.
+        optimize: ``False`` runs the graph as written (no ONNX Runtime graph optimization: a
+            QDQ model then computes its float ops between QuantizeLinear / DequantizeLinear
+            nodes instead of fused int8 kernels), to compare the two.
+
     Attributes:
         path: The ONNX file.
         session: The ``onnxruntime.InferenceSession``.
         providers: The execution providers the session uses.
     """
 
-    def __init__(self, path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+    def __init__(self, path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 optimize: bool = True) -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = _session(self.path, providers)
+        self.session = _session(self.path, providers, optimize)
         self.providers: list[str] = list(self.session.get_providers())
 
     def forward(self, *inputs: torch.Tensor) -> Any:
@@ -220,13 +228,15 @@ def _graph_facts(path: Path) -> tuple[int, bool]:
     return opset, all(d and d[0].HasField("dim_param") for d in dims)
 
 
-def _session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+def _session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), optimize: bool = True) -> Any:
     import onnxruntime as ort
 
     if not path.is_file():
         raise OutputError(f"ONNX file {str(path)!r} does not exist")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
