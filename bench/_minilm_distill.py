@@ -105,10 +105,10 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
         probe = time.perf_counter()
         _run(copy.deepcopy(student), teacher, timed[:n], example, 1, lr, hidden_weight)
         took.append(time.perf_counter() - probe)
-    per_token = max((took[1] - took[0]) / _tokens(timed[2:10]), 1e-9)
-    fixed = max(took[0] - per_token * _tokens(timed[:2]), 0.0)
+    per_token = max((took[1] - took[0]) / tokens(timed[2:10]), 1e-9)
+    fixed = max(took[0] - per_token * tokens(timed[:2]), 0.0)
     left = minutes * 60 - (time.perf_counter() - started) - fixed
-    epoch = per_token * _tokens(timed)
+    epoch = per_token * tokens(timed)
     epochs = max(int(0.95 * left / epoch), 1)
     print(f"{epoch:.0f} s per epoch ({len(data)} batches) + {fixed:.1f} s per run -> {epochs} epochs "
           f"in {minutes} minutes", flush=True)
@@ -118,7 +118,7 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
                           "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment)}
 
 
-def _tokens(data: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> int:
+def tokens(data: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> int:
     """Padded tokens in ``data``: what a pass over it costs, near enough."""
     return sum(int(inputs["input_ids"].numel()) for inputs, _ in data)
 
