@@ -15,6 +15,7 @@ import argparse
 import copy
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,9 +90,7 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
             hidden_weight: float = 1.0, augment: bool = False) -> tuple[nn.Module, dict[str, float]]:
     """``student`` distilled from ``teacher`` on Lee background sentences within ``minutes``.
 
-    Copies of the student first train on 2 and on 10 batches: their difference times a token,
-    the rest is the fixed cost of a run (hooks, probes, the record). The epochs are then the whole
-    ones that fit in what is left of the budget (at least one), an epoch costing its tokens.
+    The epochs are the whole ones that fit in what is left of the budget (``epochs_within``).
     ``augment`` trains on fresh ``Augmented`` variants of the sentences every epoch instead of
     the same batches (timed on such variants too: cropped sentences are shorter).
     """
@@ -100,22 +99,33 @@ def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr
     data = batches(tok, sentences)
     example = data[0][0]
     timed = list(Augmented(tok, sentences, seed=1)) if augment else data
-    took = []
-    for n in (2, 10):
-        probe = time.perf_counter()
-        _run(copy.deepcopy(student), teacher, timed[:n], example, 1, lr, hidden_weight)
-        took.append(time.perf_counter() - probe)
-    per_token = max((took[1] - took[0]) / tokens(timed[2:10]), 1e-9)
-    fixed = max(took[0] - per_token * tokens(timed[:2]), 0.0)
-    left = minutes * 60 - (time.perf_counter() - started) - fixed
-    epoch = per_token * tokens(timed)
-    epochs = max(int(0.95 * left / epoch), 1)
-    print(f"{epoch:.0f} s per epoch ({len(data)} batches) + {fixed:.1f} s per run -> {epochs} epochs "
-          f"in {minutes} minutes", flush=True)
+    epochs = epochs_within(
+        lambda part: _run(copy.deepcopy(student), teacher, part, example, 1, lr, hidden_weight),
+        timed, lambda: minutes * 60 - (time.perf_counter() - started))
     train = Augmented(tok, sentences) if augment else data
     model = _run(student, teacher, train, example, epochs, lr, hidden_weight)
     return model.eval(), {"minutes": (time.perf_counter() - started) / 60, "epochs": float(epochs),
                           "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment)}
+
+
+def epochs_within(train_on: Callable[[list[Any]], object], timed: list[Any], seconds: Callable[[], float]) -> int:
+    """Whole epochs over batches like ``timed`` that fit in ``seconds()`` (read after timing; at least 1).
+
+    ``train_on`` (one epoch of a copy of the student) runs on the first 2 and the first 10 of
+    ``timed``: their difference times a token, the rest is the fixed cost of a run (hooks,
+    probes, the record), which the budget also pays once. An epoch costs its tokens.
+    """
+    took = []
+    for n in (2, 10):
+        probe = time.perf_counter()
+        train_on(timed[:n])
+        took.append(time.perf_counter() - probe)
+    per_token = max((took[1] - took[0]) / tokens(timed[2:10]), 1e-9)
+    fixed = max(took[0] - per_token * tokens(timed[:2]), 0.0)
+    epoch = per_token * tokens(timed)
+    epochs = max(int(0.95 * (seconds() - fixed) / epoch), 1)
+    print(f"{epoch:.0f} s per epoch ({len(timed)} batches) + {fixed:.1f} s per run -> {epochs} epochs", flush=True)
+    return epochs
 
 
 def tokens(data: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> int:

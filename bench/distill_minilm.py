@@ -39,7 +39,7 @@ from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import minilm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _minilm_distill import Augmented, batches, run_arguments, tokens  # noqa: E402
+from _minilm_distill import Augmented, batches, epochs_within, run_arguments  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "distillation-minilm.md"
 STATE = DOC.with_suffix(".json")
@@ -116,11 +116,8 @@ def main() -> None:
         data = batches(tok, sentences, 32, 0)
         # time a short pass on what will be trained on (augmented sentences are cropped, shorter)
         timed = list(Augmented(tok, sentences, seed=1)) if args.augment else data
-        started = time.perf_counter()
-        distill(keep_layers(teacher, keep), teacher, timed[:8], data[0][0], 1, args.lr)
-        per_token = (time.perf_counter() - started) / tokens(timed[:8])
-        epochs = max(int(args.minutes * 60 / (per_token * tokens(timed))), 1)
-        print(f"{per_token * tokens(timed):.0f} s per epoch -> {epochs} epochs in {args.minutes} minutes")
+        epochs = epochs_within(lambda part: distill(keep_layers(teacher, keep), teacher, part, data[0][0], 1, args.lr),
+                               timed, lambda: args.minutes * 60)
         started = time.perf_counter()
         train = Augmented(tok, sentences) if args.augment else data
         student = distill(student, teacher, train, data[0][0], epochs, args.lr)
