@@ -8,7 +8,7 @@ as from another terminal. Wall time covers the whole command: workers start, sea
 run (rebuild of the chosen trial, save, report). Writes the <!-- parallel --> section of
 docs/benchmarks/nas.md.
 
-Run: flock /tmp/torchslim-bench.lock python bench/nas_parallel.py [--trials 12] [--epochs 30] [--repeats 2]
+Run: flock /tmp/torchslim-bench.lock python bench/nas_parallel.py [--trials 24] [--epochs 30] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _children_cpu() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--note", default="", help="a sentence for the notes (e.g. how the run was queued)")
