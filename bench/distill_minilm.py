@@ -51,7 +51,7 @@ def keep_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
     encoder = student.bert.encoder
     encoder.layer = nn.ModuleList(encoder.layer[i] for i in keep)
     student.bert.config.num_hidden_layers = len(keep)
-    return student
+    return student.requires_grad_(True)  # a distillation run freezes the teacher it was given
 
 
 @torch.inference_mode()
