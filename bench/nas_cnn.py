@@ -106,9 +106,10 @@ def main() -> None:
                                 title="nas.search on Fashion-MNIST (validation accuracy)"))
     text = _render(args, ref, budget, result, chosen, final, predictor, time.perf_counter() - started)
     old = DOC.read_text() if DOC.is_file() else ""
-    if "<!-- parallel -->" in old and "<!-- /parallel -->" in old:  # bench/nas_parallel.py's section stays
-        end = old.index("<!-- /parallel -->") + len("<!-- /parallel -->")
-        text = text.rstrip("\n") + "\n\n" + old[old.index("<!-- parallel -->"):end] + "\n"
+    for name in ("minilm", "parallel"):  # the sections of bench/nas_minilm.py and bench/nas_parallel.py stay
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start in old and end in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(start):old.index(end) + len(end)] + "\n"
     DOC.write_text(text)
 
 

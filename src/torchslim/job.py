@@ -145,9 +145,10 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     import subprocess
     import sys
 
-    from torchslim.adapters import resolve_data
+    from torchslim.adapters import resolve_data, resolve_model
     from torchslim.errors import ConfigError
     from torchslim.nas.search import NASSearchConfig, search, study_result, write_artifacts
+    from torchslim.nas.transformer import TransformerSpace
 
     if workers < 1:
         raise ConfigError(f"--workers: expected a number of processes >= 1; found {workers}")
@@ -163,9 +164,13 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     if worker is not None:
         if recipe.data is None:
             raise ModelError("no data: the recipe has no 'data:' entry (e.g. data: zoo:fashion_mnist)")
-        ctx = resolve_data(recipe.data, quick=quick).context()
+        spec = model_spec or recipe.model
+        ctx = resolve_data(recipe.data, quick=quick, model=spec).context()
+        base = None
+        if spec and any(isinstance(cfg.space, TransformerSpace) for cfg in searches):
+            base, _ = resolve_model(spec, quick=quick, progress=False)  # students are sliced from it
         for cfg in searches:
-            search(cfg, ctx, worker=worker)
+            search(cfg, ctx, worker=worker, base=base if isinstance(cfg.space, TransformerSpace) else None)
         return None
     check_out_dir(out, resume=False, overwrite=overwrite)
     extra = [*(["--model", model_spec] if model_spec else []), *(["--quick"] if quick else [])]
@@ -179,7 +184,7 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
         for proc in procs:
             proc.wait()
     for cfg in searches:  # the run's workdir (checkpoints/) is gone; the study still holds every trial
-        write_artifacts(study_result(cfg), out)
+        write_artifacts(study_result(cfg), out, cfg.metric)
     return record
 
 

@@ -1,10 +1,11 @@
-"""nas methods: architecture search over a CNN space (``nas.search``) and per-layer compression
-settings under a budget (``nas.autocompress``)."""
+"""nas methods: architecture search over a CNN space or students sliced from a Transformer
+(``nas.search``) and per-layer compression settings under a budget (``nas.autocompress``)."""
 
 from torchslim.nas.autocompress import AutoCompressConfig
-from torchslim.nas.latency import LatencyTable, spearman
+from torchslim.nas.latency import LatencyTable, TransformerLatencyTable, spearman
 from torchslim.nas.search import NASSearchConfig, search
 from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
+from torchslim.nas.transformer import TransformerArch, TransformerSpace, model_dims, slice_student
 
 __all__ = [
     "AutoCompressConfig",
@@ -13,7 +14,12 @@ __all__ = [
     "LatencyTable",
     "NASSearchConfig",
     "SearchableCNN",
+    "TransformerArch",
+    "TransformerLatencyTable",
+    "TransformerSpace",
     "build_cnn",
+    "model_dims",
     "search",
+    "slice_student",
     "spearman",
 ]

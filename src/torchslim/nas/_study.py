@@ -148,21 +148,24 @@ def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) ->
             if not any(dominates(q, p, maximize) for j, q in enumerate(points) if j != i)]
 
 
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of trial rows (trial, arch, accuracy, latency, FLOPs, params)."""
-    lines = ["| trial | widths | depths | kernels | accuracy | latency (ms) | MFLOPs | params |",
-             "|---|---|---|---|---|---|---|---|"]
+def table(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> str:
+    """A markdown table of trial rows: trial, the architecture's genes, score, latency, FLOPs, params."""
+    fixed = ("in_channels", "num_classes")  # the same for every row of a CNN space
+    genes = [k for k in (rows[0]["arch"] if rows else {}) if k not in fixed]
+    lines = [f"| trial | {' | '.join(genes)} | {metric} | latency (ms) | MFLOPs | params |",
+             "|---|" + "---|" * (len(genes) + 4)]
     for r in rows:
         arch = r["arch"]
-        lines.append(f"| {r['trial']} | {arch['widths']} | {arch['depths']} | {arch['kernels']} | "
+        lines.append(f"| {r['trial']} | {' | '.join(str(arch[g]) for g in genes)} | "
                      f"{r['accuracy']:.4f} | {r['latency_ms']:.3f} | {r['flops'] / 1e6:.2f} | "
                      f"{r['params']:,} |")
     return "\n".join(lines)
 
 
 def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
-               reference: dict[str, float] | None = None, title: str = "nas.search") -> bytes:
-    """PNG bytes of accuracy vs latency: every trial, the Pareto front joined, a reference point."""
+               reference: dict[str, float] | None = None, title: str = "nas.search",
+               metric: str = "accuracy") -> bytes:
+    """PNG bytes of the score (``metric``) vs latency: every trial, the Pareto front joined, a reference."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), dpi=100, layout="constrained")
@@ -176,7 +179,7 @@ def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
         ax.scatter([reference["latency_ms"]], [reference["accuracy"]], marker="*", s=120, color="#c03030",
                    label=str(reference.get("label", "reference")))
     ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -11,10 +11,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, config_from_dict, register, resolve, select
+from torchslim.core import Context, MethodConfig, Outcome, check, register, select
 from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
 from torchslim.measure.flops import count_flops
 from torchslim.nas import _study
+from torchslim.nas._registry import apply_by_key, merge_structure
 
 __all__ = ["AutoCompressConfig", "apply", "compress_layers"]
 
@@ -91,15 +92,7 @@ def compress_layers(model: nn.Module, ratios: dict[str, float], cfg: AutoCompres
                                "ignore": list(cfg.ignore)}
         if cfg.importance:
             raw["importance"] = cfg.importance
-        method_cfg = config_from_dict(raw, f"{_NAME}.method")
-        outcome = resolve(method_cfg)(model, method_cfg, ctx)
-        for key, change in outcome.structure.items():
-            merged = dict(structure.get(key, {}))
-            for field, value in change.items():
-                old = merged.get(field)
-                merged[field] = ([*old, *(v for v in value if v not in old)]
-                                 if isinstance(old, list) and isinstance(value, list) else value)
-            structure[key] = merged
+        merge_structure(structure, apply_by_key(model, raw, ctx, _NAME).structure)
     return structure
 
 

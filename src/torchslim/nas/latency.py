@@ -1,5 +1,7 @@
 """Latency predictor: a per-operator lookup table timed on this machine, plus a linear fit.
 
+Both spaces have one: ``LatencyTable`` (CNN) and ``TransformerLatencyTable``.
+
 A CNN of the space is a chain of operators (stem, downsampling conv, residual block, head),
 each fixed by its channels, kernel and input size. Timing each distinct operator once and
 summing predicts a network's latency without timing the network; a scale and offset fitted
@@ -19,8 +21,10 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.measure.latency import measure_latency, model_latency
 from torchslim.nas.spaces import CNNArch, Head, ResBlock, stage, stem
+from torchslim.nas.transformer import ModelDims, TransformerArch
 
-__all__ = ["LatencyTable", "measured_latency", "one_thread", "operators", "spearman"]
+__all__ = ["LatencyTable", "TransformerLatencyTable", "measured_latency", "one_thread", "operators",
+           "spearman"]
 
 Op = tuple[Any, ...]
 
@@ -77,8 +81,49 @@ def measured_latency(model: nn.Module, inputs: torch.Tensor, repeats: int = 20) 
         return model_latency(model, inputs, warmup=3, repeats=repeats)["latency_min_ms"]
 
 
-class LatencyTable:
-    """Per-operator latency lookup table for one input size and batch size.
+class _OpTable:
+    """Per-operator times summed over an architecture, then a fitted scale and offset."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.table: dict[Op, float] = {}
+        self.scale, self.offset = 1.0, 0.0
+
+    def operators(self, arch: Any) -> list[Op]:
+        """The operator keys of ``arch``."""
+        raise NotImplementedError
+
+    def _time(self, op: Op) -> float:
+        raise NotImplementedError
+
+    def op_ms(self, op: Op) -> float:
+        """The operator's time in ms, timed on first use."""
+        if op not in self.table:
+            self.table[op] = self._time(op)
+        return self.table[op]
+
+    def raw(self, arch: Any) -> float:
+        """Sum of the operator times of ``arch`` (ms), before the fit."""
+        return sum(self.op_ms(op) for op in self.operators(arch))
+
+    def predict(self, arch: Any) -> float:
+        """Predicted latency of ``arch`` in ms."""
+        return self.scale * self.raw(arch) + self.offset
+
+    def fit(self, archs: Sequence[Any], measured: Sequence[float]) -> None:
+        """Least-squares scale and offset mapping the operator sums to ``measured`` (ms)."""
+        if len(archs) != len(measured) or len(archs) < 2:
+            raise ConfigError(f"{type(self).__name__}.fit: expected >= 2 architectures with one measurement "
+                              f"each, found {len(archs)} architectures and {len(measured)} measurements")
+        xs = torch.tensor([self.raw(a) for a in archs], dtype=torch.float64)
+        ys = torch.tensor(list(measured), dtype=torch.float64)
+        design = torch.stack([xs, torch.ones_like(xs)], dim=1)
+        solution = torch.linalg.lstsq(design, ys[:, None]).solution[:, 0]
+        self.scale, self.offset = float(solution[0]), float(solution[1])
+
+
+class LatencyTable(_OpTable):
+    """Per-operator latency lookup table of the CNN space for one input size and batch size.
 
     Args:
         image_size: Side of the input images.
@@ -90,38 +135,76 @@ class LatencyTable:
         if image_size < 1 or batch_size < 1 or repeats < 1:
             raise ConfigError(f"LatencyTable: expected image_size, batch_size and repeats >= 1, found "
                               f"{image_size}, {batch_size}, {repeats}")
-        self.image_size, self.batch_size, self.repeats = image_size, batch_size, repeats
-        self.table: dict[Op, float] = {}
-        self.scale, self.offset = 1.0, 0.0
+        super().__init__(repeats)
+        self.image_size, self.batch_size = image_size, batch_size
 
-    def op_ms(self, op: Op) -> float:
-        """The operator's time in ms, timed on first use."""
-        if op not in self.table:
-            module, channels = _module(op)
-            module.eval()
-            side = op[-1]
-            x = torch.randn(self.batch_size, channels, side, side)
-            self.table[op] = _min_ms(lambda: module(x), self.repeats)
-        return self.table[op]
+    def operators(self, arch: CNNArch) -> list[Op]:
+        """The operator keys of ``arch`` (see ``operators``)."""
+        return operators(arch, self.image_size)
 
-    def raw(self, arch: CNNArch) -> float:
-        """Sum of the operator times of ``arch`` (ms), before the fit."""
-        return sum(self.op_ms(op) for op in operators(arch, self.image_size))
+    def _time(self, op: Op) -> float:
+        module, channels = _module(op)
+        module.eval()
+        side = op[-1]
+        x = torch.randn(self.batch_size, channels, side, side)
+        return _min_ms(lambda: module(x), self.repeats)
 
-    def predict(self, arch: CNNArch) -> float:
-        """Predicted latency of ``arch`` in ms."""
-        return self.scale * self.raw(arch) + self.offset
 
-    def fit(self, archs: Sequence[CNNArch], measured: Sequence[float]) -> None:
-        """Least-squares scale and offset mapping the operator sums to ``measured`` (ms)."""
-        if len(archs) != len(measured) or len(archs) < 2:
-            raise ConfigError(f"LatencyTable.fit: expected >= 2 architectures with one measurement each, "
-                              f"found {len(archs)} architectures and {len(measured)} measurements")
-        xs = torch.tensor([self.raw(a) for a in archs], dtype=torch.float64)
-        ys = torch.tensor(list(measured), dtype=torch.float64)
-        design = torch.stack([xs, torch.ones_like(xs)], dim=1)
-        solution = torch.linalg.lstsq(design, ys[:, None]).solution[:, 0]
-        self.scale, self.offset = float(solution[0]), float(solution[1])
+class _Attention(nn.Module):
+    """The cost shape of one self-attention sublayer: fused QKV, attention, output, residual norm."""
+
+    def __init__(self, hidden: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(hidden, 3 * heads * head_dim)
+        self.out = nn.Linear(heads * head_dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
+        out: torch.Tensor = self.norm(x + self.out(y))
+        return out
+
+
+def _ffn(hidden: int, width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden), nn.LayerNorm(hidden))
+
+
+class TransformerLatencyTable(_OpTable):
+    """Per-operator latency lookup table of the Transformer space (students of one model).
+
+    Each layer of a student is an attention sublayer with its heads (of the model's head
+    size) and an FFN of its width; both are timed once per distinct shape at the model's
+    hidden size, on ``batch_size`` sequences of ``seq_len`` tokens. Embeddings and pooling
+    are the same for every student and go into the fitted offset.
+
+    Args:
+        dims: The model's sizes (``torchslim.nas.transformer.model_dims``).
+        batch_size: Sequences per call.
+        seq_len: Tokens per sequence.
+        repeats: Timed calls per operator (the minimum is kept).
+    """
+
+    def __init__(self, dims: ModelDims, batch_size: int = 8, seq_len: int = 128, repeats: int = 10) -> None:
+        if batch_size < 1 or seq_len < 1 or repeats < 1:
+            raise ConfigError(f"TransformerLatencyTable: expected batch_size, seq_len and repeats >= 1, "
+                              f"found {batch_size}, {seq_len}, {repeats}")
+        super().__init__(repeats)
+        self.dims, self.batch_size, self.seq_len = dims, batch_size, seq_len
+
+    def operators(self, arch: TransformerArch) -> list[Op]:
+        """``("attention", heads)`` and ``("ffn", width)`` once per layer of ``arch``."""
+        return [("attention", arch.heads), ("ffn", arch.ffn)] * arch.layers
+
+    def _time(self, op: Op) -> float:
+        hidden = self.dims.hidden
+        attention = op[0] == "attention"
+        module = _Attention(hidden, op[1], self.dims.head_dim) if attention else _ffn(hidden, op[1])
+        module.eval()
+        x = torch.randn(self.batch_size, self.seq_len, hidden)
+        return _min_ms(lambda: module(x), self.repeats)
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

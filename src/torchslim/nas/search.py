@@ -1,7 +1,12 @@
-"""Multi-trial architecture search over a CNN space, latency-aware and multi-objective, on Optuna."""
+"""Multi-trial architecture search, latency-aware and multi-objective, on Optuna.
+
+Two spaces: a CNN space whose candidates train from scratch, and a Transformer space whose
+candidates are students sliced from the model and briefly distilled from it.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -15,7 +20,16 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, register
+from torchslim.core import (
+    Context,
+    MethodConfig,
+    Outcome,
+    check,
+    config_from_dict,
+    is_trained,
+    register,
+    resolve,
+)
 from torchslim.core.config import coerce_fields
 from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
 from torchslim.measure.flops import count_flops
@@ -23,6 +37,7 @@ from torchslim.measure.params import count_params
 from torchslim.nas import _study
 from torchslim.nas.latency import measured_latency
 from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
+from torchslim.nas.transformer import TransformerArch, TransformerSpace, model_dims, slice_student
 from torchslim.recipes.schema import TrainSpec
 from torchslim.train import fit
 
@@ -38,24 +53,32 @@ Objective = Literal["accuracy", "latency", "flops", "params"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NASSearchConfig(MethodConfig):
-    """Search a CNN space for the Pareto front of accuracy vs latency (or FLOPs, params).
+    """Search a CNN or Transformer space for the Pareto front of accuracy vs latency (or FLOPs, params).
 
     Paper: Real et al., "Regularized Evolution for Image Classifier Architecture Search",
     AAAI 2019, https://arxiv.org/abs/1802.01548; Tan et al., "MnasNet: Platform-Aware Neural
     Architecture Search for Mobile", CVPR 2019, https://arxiv.org/abs/1807.11626
 
     Args:
-        space: The search space (``CNNSpace`` fields: base_widths, width_mults, depths,
-            kernels, in_channels, num_classes, image_size).
+        space: The search space. ``kind: cnn`` (the default; ``CNNSpace`` fields:
+            base_widths, width_mults, depths, kernels, in_channels, num_classes, image_size) or
+            ``kind: transformer`` (``TransformerSpace`` fields: layers, heads, ffn,
+            ffn_targets, head_importance): students sliced from the model.
         strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``nsga2``
             (Optuna's samplers).
         trials: Finished trials the study stops at, over all workers: complete ones and
             ones whose training or scoring raised. A trial lost with its worker does not
             count (its architecture runs again, see Notes).
-        objectives: What the front trades off: ``accuracy`` (``eval_fn(model)["accuracy"]``
+        objectives: What the front trades off: ``accuracy`` (``eval_fn(model)[metric]``
             after training, maximized) and ``latency`` (measured, ms), ``flops``, ``params``
             (minimized).
+        metric: The key of ``ctx.eval_fn``'s result that the ``accuracy`` objective reads
+            (e.g. ``lee_pearson`` for a sentence encoder).
         epochs_per_trial: Training epochs of each candidate on ``ctx.train_data``.
+        lr: Peak learning rate of each candidate's training (unset: the train default).
+        distill: Trained methods (registry keys with their fields) added to each candidate's
+            training, e.g. ``distillation.logits``; the teacher is the model itself for a
+            Transformer space and ``ctx.teacher`` for a CNN space.
         storage: Optuna storage URL shared by workers; SQLite ``<workdir>/nas.db`` by default,
             in memory without a workdir.
         study_name: Workers with the same storage and study name join one study.
@@ -73,11 +96,21 @@ class NASSearchConfig(MethodConfig):
           objectives: [accuracy, latency]
           space: {base_widths: [16, 32, 64], width_mults: [0.5, 1.0], depths: [0, 1, 2], kernels: [3, 5]}
           latency_budget_ms: 2.0
+        - method: nas.search          # MiniLM students, distilled one epoch each
+          space: {kind: transformer, layers: [2, 3, 4], heads: [6, 12], ffn: [384, 768, 1536]}
+          metric: lee_pearson
+          lr: 0.0005
+          distill: [{method: distillation.logits, loss: cosine, temperature: 1.0, alpha: 1.0}]
 
     Notes:
-        The model must be a ``torchslim.nas.SearchableCNN`` (``build_cnn(arch)``); its ``body``
-        is replaced by the chosen architecture, trained for ``epochs_per_trial`` (continue with
-        a train stage or ``distillation.logits``); ``ts.load`` rebuilds it from structure.json.
+        With a CNN space the model must be a ``torchslim.nas.SearchableCNN``
+        (``build_cnn(arch)``); its ``body`` is replaced by the chosen architecture, trained for
+        ``epochs_per_trial`` (continue with a train stage or ``distillation.logits``). With a
+        Transformer space the model (any module with a Hugging Face-style config) becomes the
+        chosen student: sliced by ``pruning.layers``, ``pruning.heads`` and ``pruning.channel``
+        (by key, see ``torchslim.nas.transformer``), then trained with ``distill``; it needs
+        ``ctx.calib_data`` (Block Influence) and ``ctx.train_data``. ``ts.load`` rebuilds
+        either from structure.json.
         Latency is the best of 20 single-thread calls on ``ctx.example_inputs`` (robust on a
         busy machine).
         Each trial is a fresh network seeded with ``ctx.seed + trial number``. A trial whose
@@ -94,11 +127,14 @@ class NASSearchConfig(MethodConfig):
     """
 
     name: ClassVar[str] = _NAME
-    space: CNNSpace = CNNSpace()
+    space: CNNSpace | TransformerSpace = CNNSpace()
     strategy: Literal["random", "evolution", "tpe", "nsga2"] = "tpe"
     trials: int = 20
     objectives: tuple[Objective, ...] = ("accuracy", "latency")
+    metric: str = "accuracy"
     epochs_per_trial: int = 1
+    lr: float | None = None
+    distill: tuple[Mapping[str, Any], ...] = ()
     storage: str | None = None
     study_name: str = "torchslim-nas"
     latency_budget_ms: float | None = None
@@ -106,8 +142,14 @@ class NASSearchConfig(MethodConfig):
     grace_period_s: int = 120
 
     def __post_init__(self) -> None:
-        check(isinstance(self.space, CNNSpace), f"{_NAME}: space must be a CNNSpace or a mapping of its "
-              f"fields, found {type(self.space).__name__}")
+        check(isinstance(self.space, CNNSpace | TransformerSpace), f"{_NAME}: space must be a CNNSpace, a "
+              f"TransformerSpace or a mapping of their fields, found {type(self.space).__name__}")
+        check(bool(self.metric), f"{_NAME}: metric must name a key of eval_fn's result, found ''")
+        check(self.lr is None or self.lr > 0, f"{_NAME}: lr must be > 0, found {self.lr}")
+        for i, raw in enumerate(self.distill):
+            method = config_from_dict(raw, f"{_NAME}.distill[{i}]")
+            check(is_trained(method), f"{_NAME}.distill[{i}]: {method.name} is a one-shot method; expected a "
+                  "trained method such as distillation.logits")
         check(self.trials >= 1, f"{_NAME}: trials must be >= 1, found {self.trials}")
         check(self.epochs_per_trial >= 1,
               f"{_NAME}: epochs_per_trial must be >= 1, found {self.epochs_per_trial}")
@@ -128,15 +170,21 @@ class NASSearchConfig(MethodConfig):
         """Plain data; the space becomes a mapping."""
         out = super().to_dict()
         out["space"] = self.space.to_dict()
+        out["distill"] = [dict(raw) for raw in self.distill]
         return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "method") -> NASSearchConfig:
-        """Validate plain data; ``space`` is a mapping of ``CNNSpace`` fields."""
+        """Validate plain data; ``space`` is a mapping of ``CNNSpace`` or (``kind: transformer``)
+        ``TransformerSpace`` fields."""
         fields = {k: v for k, v in raw.items() if k not in ("method", "space")}
         space = raw.get("space", {})
         if isinstance(space, Mapping):
-            space = CNNSpace.from_mapping(space, f"{where}.space")
+            kind = space.get("kind", "cnn")
+            if kind not in ("cnn", "transformer"):
+                raise ConfigError(f"{where}.space.kind: expected 'cnn' or 'transformer', found {kind!r}")
+            space_cls = TransformerSpace if kind == "transformer" else CNNSpace
+            space = space_cls.from_mapping(space, f"{where}.space")
         return cls(space=space, **coerce_fields(cls, fields, where))
 
 
@@ -150,6 +198,7 @@ class SearchResult:
         front: The rows on the Pareto front of the config's objectives.
         best: The most accurate row within the latency budget.
         models: Trained models of trials this process ran and kept (the best within budget).
+        structures: The structure changes of those models (how ``ts.load`` rebuilds them).
     """
 
     rows: list[dict[str, Any]]
@@ -157,23 +206,48 @@ class SearchResult:
     front: list[dict[str, Any]]
     best: dict[str, Any]
     models: dict[int, nn.Module]
+    structures: dict[int, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
-def evaluate(arch: CNNArch, cfg: NASSearchConfig, ctx: Context,
-             seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``arch`` seeded with ``seed``, train it, score it and measure its cost."""
+Arch = CNNArch | TransformerArch
+
+
+def candidate(arch: Arch, cfg: NASSearchConfig, ctx: Context,
+              base: nn.Module | None) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """The untrained network of ``arch`` and its structure changes: built (CNN) or sliced from ``base``."""
+    if isinstance(arch, CNNArch):
+        return build_cnn(arch), {"body": {}}
+    if base is None or not isinstance(cfg.space, TransformerSpace):
+        raise ConfigError(f"{_NAME}: a transformer space slices its candidates from the model; "
+                          "none was given")
+    return slice_student(base, arch, cfg.space, ctx)
+
+
+def evaluate(arch: Arch, cfg: NASSearchConfig, ctx: Context, seed: int, base: nn.Module | None = None,
+             teacher: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Make ``arch`` seeded with ``seed``, train it, score it and measure its cost.
+
+    ``teacher`` distills it (default: a copy of ``base``, else ``ctx.teacher``); training
+    freezes the teacher, so it must not be ``base`` itself. The row's ``structure`` holds the
+    candidate's structure changes (how ``ts.load`` rebuilds it).
+    """
     torch.manual_seed(seed)
-    model = build_cnn(arch)
-    fit(model, TrainSpec(epochs=cfg.epochs_per_trial), [], ctx)
+    model, structure = candidate(arch, cfg, ctx, base)
+    if teacher is None:
+        teacher = copy.deepcopy(base) if base is not None else ctx.teacher
+    methods = [resolve(m)(m) for m in (config_from_dict(raw, f"{_NAME}.distill") for raw in cfg.distill)]
+    fit(model, TrainSpec(epochs=cfg.epochs_per_trial, lr=cfg.lr), methods, ctx, teacher=teacher)
+    for method in methods:
+        model = method.on_end(model, ctx).model
     model.eval()
     assert ctx.eval_fn is not None  # checked before the search
     scores = ctx.eval_fn(model)
-    if "accuracy" not in scores:
-        raise DataError(f"{_NAME}: eval_fn returned {sorted(scores)}; expected an 'accuracy' key")
+    if cfg.metric not in scores:
+        raise DataError(f"{_NAME}: eval_fn returned {sorted(scores)}; expected the metric {cfg.metric!r}")
     inputs = ctx.example_inputs
-    return model, {"arch": arch.to_dict(), "accuracy": float(scores["accuracy"]),
+    return model, {"arch": arch.to_dict(), "accuracy": float(scores[cfg.metric]),
                    "latency_ms": measured_latency(model, inputs), "flops": count_flops(model, inputs),
-                   "params": count_params(model)[0]}
+                   "params": count_params(model)[0], "structure": structure}
 
 
 def _check_ctx(ctx: Context) -> None:
@@ -183,30 +257,37 @@ def _check_ctx(ctx: Context) -> None:
                         "train_data, scored by eval_fn and timed on example_inputs); found None")
 
 
-def _check_budget(cfg: NASSearchConfig, inputs: Any) -> None:
-    """A budget below the smallest architecture's latency fails before any training."""
+def _check_space(cfg: NASSearchConfig, ctx: Context, base: nn.Module | None) -> None:
+    """A space that does not fit the model, or a budget below the smallest candidate's latency,
+    fails before any training."""
+    if isinstance(cfg.space, TransformerSpace):
+        if base is None:
+            raise ConfigError(f"{_NAME}: a transformer space slices its candidates from the model; call "
+                              "search(cfg, ctx, base=model)")
+        cfg.space.check_model(model_dims(base))
     if cfg.latency_budget_ms is None:
         return
-    smallest = build_cnn(cfg.space.arch(cfg.space.extreme(largest=False))).eval()
-    reachable = measured_latency(smallest, inputs)
+    smallest, _ = candidate(cfg.space.arch(cfg.space.extreme(largest=False)), cfg, ctx, base)
+    reachable = measured_latency(smallest.eval(), ctx.example_inputs)
     if reachable > cfg.latency_budget_ms:
         raise ConfigError(f"{_NAME}: latency_budget_ms={cfg.latency_budget_ms} cannot be met: the smallest "
                           f"architecture of the space takes {reachable:.3f} ms on ctx.example_inputs")
 
 
 def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
-           worker: int = 0) -> SearchResult:
+           worker: int = 0, base: nn.Module | None = None) -> SearchResult:
     """Run (or join) the study until it holds ``cfg.trials`` finished trials or ``timeout`` s pass.
 
     ``worker`` offsets the sampler's seed so that processes joining one study at the same
-    moment do not propose the same architectures.
+    moment do not propose the same architectures. ``base`` is the model a transformer space
+    slices its students from (and distills them from).
     """
     import optuna
 
     _check_ctx(ctx)
     storage = _study.open_storage(cfg.storage, ctx.workdir, heartbeat_s=cfg.heartbeat_s,
                                   grace_period_s=cfg.grace_period_s)
-    _check_budget(cfg, ctx.example_inputs)
+    _check_space(cfg, ctx, base)
     directions: list[Literal["minimize", "maximize"]] = [_study.DIRECTIONS[o] for o in cfg.objectives]
     genes = cfg.space.genes()
     try:
@@ -219,14 +300,16 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
                           f"{list(cfg.objectives)}; choose another study_name")
     seed = ctx.seed + 1000 * worker + len(study.get_trials(deepcopy=False))  # workers draw different picks
     study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
+    teacher = copy.deepcopy(base) if base is not None else None  # trials freeze it; base stays as given
     models: dict[int, nn.Module] = {}
+    structures: dict[int, dict[str, dict[str, Any]]] = {}
     kept: list[tuple[float, int]] = []
 
     def objective(trial: Any) -> tuple[float, ...]:
         arch = cfg.space.arch({name: trial.suggest_categorical(name, list(c)) for name, c in genes.items()})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number)
+            model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number, base=base, teacher=teacher)
             values = tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
             if not all(math.isfinite(v) for v in values):
                 raise DataError(f"{_NAME}: trial {trial.number} scored {dict(zip(cfg.objectives, values))}; "
@@ -234,6 +317,7 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             raise
+        structure = row.pop("structure")
         for key, value in row.items():
             trial.set_user_attr(key, value)
         budget = cfg.latency_budget_ms
@@ -241,6 +325,8 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
             kept[:] = [(row["accuracy"], trial.number)]
             models.clear()
             models[trial.number] = model
+            structures.clear()
+            structures[trial.number] = structure
         return values
 
     def stop(study: Any, trial: Any) -> None:
@@ -249,7 +335,7 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
 
     if _spent(study) < cfg.trials:  # each worker runs at most cfg.trials: lost trials cannot loop forever
         study.optimize(objective, n_trials=cfg.trials, timeout=timeout, catch=(Exception,), callbacks=[stop])
-    return _collect(study, cfg, models)
+    return _collect(study, cfg, models, structures)
 
 
 def _spent(study: Any) -> int:
@@ -260,7 +346,8 @@ def _spent(study: Any) -> int:
                for t in study.get_trials(deepcopy=False))
 
 
-def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> SearchResult:
+def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module],
+             structures: dict[int, dict[str, dict[str, Any]]] | None = None) -> SearchResult:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -281,7 +368,8 @@ def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module]) -> 
         raise ConfigError(f"{_NAME}: no complete trial meets latency_budget_ms={budget}; the fastest took "
                           f"{fastest:.3f} ms (raise the budget or add smaller choices to the space)")
     best = max(within, key=lambda r: (r["accuracy"], -r["latency_ms"]))
-    return SearchResult(rows=rows, failed=failed, front=front, best=best, models=models)
+    return SearchResult(rows=rows, failed=failed, front=front, best=best, models=models,
+                        structures=structures or {})
 
 
 def study_result(cfg: NASSearchConfig) -> SearchResult:
@@ -296,16 +384,16 @@ def study_result(cfg: NASSearchConfig) -> SearchResult:
     return _collect(study, cfg, {})
 
 
-def write_artifacts(result: SearchResult, folder: Path | None) -> None:
+def write_artifacts(result: SearchResult, folder: Path | None, metric: str = "accuracy") -> None:
     """Write ``nas_trials.md`` (front and all trials) and ``plots/nas_pareto.png`` into ``folder``."""
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front)}\n\n"
+    text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front, metric)}\n\n"
             "## All complete trials\n\n")
-    (folder / "nas_trials.md").write_text(text + _study.table(result.rows) + "\n")
+    (folder / "nas_trials.md").write_text(text + _study.table(result.rows, metric) + "\n")
     try:
-        png = _study.plot_front(result.rows, result.front)
+        png = _study.plot_front(result.rows, result.front, metric=metric)
     except ImportError:
         logger.warning("matplotlib is not installed: nas.search writes no Pareto plot")
         return
@@ -317,28 +405,39 @@ def write_artifacts(result: SearchResult, folder: Path | None) -> None:
 
 @register(NASSearchConfig)
 def apply(model: nn.Module, cfg: NASSearchConfig, ctx: Context) -> Outcome:
-    """Search, then replace ``model.body`` by the most accurate architecture within the budget."""
-    if not isinstance(model, SearchableCNN):
+    """Search, then make ``model`` the most accurate architecture within the budget."""
+    base: nn.Module | None = None
+    if isinstance(cfg.space, TransformerSpace):
+        base = model
+    elif not isinstance(model, SearchableCNN):
         raise UnsupportedModuleError(
             f"{_NAME} searches its own CNN space and swaps the 'body' of a torchslim.nas.SearchableCNN "
-            f"(build one with torchslim.nas.build_cnn(arch)); found a {type(model).__name__}")
-    have = model.body.arch
-    space = cfg.space
-    if (have.in_channels, have.num_classes) != (space.in_channels, space.num_classes):
-        raise ConfigError(f"{_NAME}: space.in_channels/num_classes are {space.in_channels}/"
-                          f"{space.num_classes} but the model has {have.in_channels}/{have.num_classes}")
+            f"(build one with torchslim.nas.build_cnn(arch)), or slices students from a Transformer with "
+            f"space kind: transformer; found a {type(model).__name__} and a CNN space")
+    else:
+        have, space = model.body.arch, cfg.space
+        if (have.in_channels, have.num_classes) != (space.in_channels, space.num_classes):
+            raise ConfigError(f"{_NAME}: space.in_channels/num_classes are {space.in_channels}/"
+                              f"{space.num_classes} but the model has {have.in_channels}/{have.num_classes}")
     started = time.perf_counter()
-    result = search(cfg, ctx)
-    best = result.models.get(result.best["trial"])
-    if best is None:  # run by another worker: rebuild it the way the trial did
-        best, _ = evaluate(CNNArch(**result.best["arch"]), cfg, ctx, seed=ctx.seed + result.best["trial"])
-    write_artifacts(result, ctx.workdir)
-    assert isinstance(best, SearchableCNN)
-    model.body = best.body.train(model.training)
+    was_training = model.training
+    result = search(cfg, ctx, base=base)
+    trial = result.best["trial"]
+    best, structure = result.models.get(trial), result.structures.get(trial)
+    if best is None or structure is None:  # run by another worker: rebuild it the way the trial did
+        kind = CNNArch if isinstance(cfg.space, CNNSpace) else TransformerArch
+        arch = kind(**result.best["arch"])
+        best, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial, base=base)
+        structure = row["structure"]
+    write_artifacts(result, ctx.workdir, cfg.metric)
+    if isinstance(best, SearchableCNN):
+        model.body = best.body
+        best = model
+    best.train(was_training)
     stats = {"trials_complete": float(len(result.rows)), "trials_failed": float(len(result.failed)),
              "pareto_points": float(len(result.front)), "best_accuracy": result.best["accuracy"],
              "best_latency_ms": result.best["latency_ms"], "seconds": time.perf_counter() - started}
     layers = {f"trial_{r['trial']}": {"accuracy": r["accuracy"], "latency_ms": r["latency_ms"],
                                       "flops": float(r["flops"]), "params": float(r["params"])}
               for r in sorted(result.front, key=lambda r: r["latency_ms"])}
-    return Outcome(model=model, touched=("body",), structure={"body": {}}, stats=stats, layers=layers)
+    return Outcome(model=best, touched=tuple(structure), structure=structure, stats=stats, layers=layers)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,11 +26,29 @@ from torch import nn
 from torchslim.core.config import check, coerce_fields
 from torchslim.core.structure import rebuildable
 
-__all__ = ["CNNArch", "CNNBody", "CNNSpace", "SearchableCNN", "build_cnn", "default_cnn", "digits_cnn"]
+__all__ = ["CNNArch", "CNNBody", "CNNSpace", "GeneSpace", "SearchableCNN", "build_cnn", "default_cnn",
+           "digits_cnn"]
+
+
+class GeneSpace:
+    """What every search space offers the strategies: named genes, each with its choices."""
+
+    def genes(self) -> dict[str, tuple[Any, ...]]:
+        """Parameter name -> choices."""
+        raise NotImplementedError
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        """A uniformly random pick of every gene."""
+        return {name: rng.choice(choices) for name, choices in self.genes().items()}
+
+    def extreme(self, largest: bool) -> dict[str, Any]:
+        """The pick with every gene at its largest (or smallest) choice."""
+        pick = max if largest else min
+        return {name: pick(choices) for name, choices in self.genes().items()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CNNSpace:
+class CNNSpace(GeneSpace):
     """Choices of the CNN search space; every stage draws from the same lists.
 
     Args:
@@ -44,6 +62,7 @@ class CNNSpace:
         image_size: Side of the square input images.
     """
 
+    kind: Literal["cnn"] = "cnn"
     base_widths: tuple[int, ...] = (16, 32, 64)
     width_mults: tuple[float, ...] = (0.5, 0.75, 1.0)
     depths: tuple[int, ...] = (0, 1, 2)
@@ -100,15 +119,6 @@ class CNNSpace:
             depths=tuple(int(params[f"d{i}"]) for i in stages),
             kernels=tuple(int(params[f"k{i}"]) for i in stages),
             in_channels=self.in_channels, num_classes=self.num_classes)
-
-    def sample(self, rng: random.Random) -> dict[str, Any]:
-        """A uniformly random pick of every gene."""
-        return {name: rng.choice(choices) for name, choices in self.genes().items()}
-
-    def extreme(self, largest: bool) -> dict[str, Any]:
-        """The pick with every gene at its largest (or smallest) choice."""
-        pick = max if largest else min
-        return {name: pick(choices) for name, choices in self.genes().items()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
