@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,37 @@ def test_unreachable_budget_and_missing_eval_fn_are_clear_errors() -> None:
         AutoCompressConfig(flops_budget=0.0)
     with pytest.raises(ConfigError, match="ratios"):
         AutoCompressConfig(ratios=(1.0,))
+
+
+class _Inverted(nn.Module):
+    """An inverted residual's hidden width: produced by the expansion and the depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                                   nn.ReLU())
+        self.project = nn.Conv2d(16, 3, 1)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.project(self.block(x)).mean(dim=(2, 3)))
+
+
+def test_group_by_gives_layers_that_produce_one_channel_group_one_ratio(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Inverted().eval()
+    ctx = _ctx(model)
+    fields = {"ratios": (0.0, 0.5), "flops_budget": 0.7, "trials": 4, "targets": (r"re:block\.\d$",)}
+    with pytest.raises(ConfigError, match="smallest reached 1.000"):  # one layer alone cuts nothing
+        ts.apply(copy.deepcopy(model), AutoCompressConfig(**fields), ctx)  # type: ignore[arg-type]
+    result = ts.apply(model, AutoCompressConfig(**fields, group_by=r"^(block)\."), ctx)  # type: ignore[arg-type]
+    assert result.model.block[0].out_channels == result.model.block[2].in_channels == 8
+    assert result.record.outcomes[0].layers == {"block.0": {"ratio": 0.5}, "block.2": {"ratio": 0.5}}
+    save(result, tmp_path / "run")
+    x = ctx.example_inputs
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "run", _Inverted)(x), result.model(x), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="exactly one capture group"):
+        AutoCompressConfig(group_by="block")
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        AutoCompressConfig(group_by="(block")

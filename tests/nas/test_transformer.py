@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -152,3 +153,19 @@ def test_bad_transformer_spaces_are_refused_with_where_and_what(tmp_path: Path) 
         search(_cfg(), _ctx(model, None))
     with pytest.raises(UnsupportedModuleError, match="Hugging Face-style config"):
         ts.apply(nn.Sequential(nn.Linear(4, 4)), _cfg(), _ctx(model, None))
+
+
+def test_a_re_proposed_student_is_not_trained_again() -> None:
+    model = tiny_encoder()
+    ctx = _ctx(model, None)
+    calls = []
+    scored = ctx.eval_fn
+    assert scored is not None
+
+    def counting(m: nn.Module) -> dict[str, float]:
+        calls.append(1)
+        return scored(m)
+
+    only = {"kind": "transformer", "layers": [1], "heads": [2], "ffn": [32]}  # one student in the space
+    result = search(_cfg(space=only, trials=3), dataclasses.replace(ctx, eval_fn=counting), base=model)
+    assert len(calls) == 1 and len(result.rows) == 1 and not result.failed

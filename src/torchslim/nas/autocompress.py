@@ -6,7 +6,9 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -43,6 +45,11 @@ class AutoCompressConfig(MethodConfig):
         targets: Layers that get their own ratio: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Layers left whole (and passed to the pruning method's ``ignore``).
         importance: The ``importance`` field passed to ``prune_method`` (empty: its default).
+        group_by: A regular expression with one capture group: selected layers whose names
+            give the same capture share one ratio and are pruned in one call (e.g.
+            ``features\\.(\\d+)\\.`` gives each MobileNetV2 block one ratio for its expansion
+            and depthwise convs, which produce the same channels: structured pruning cuts a
+            channel group only when all its producers are targeted). Empty: one ratio per layer.
 
     Recipe:
         - method: nas.autocompress
@@ -70,6 +77,7 @@ class AutoCompressConfig(MethodConfig):
     targets: tuple[str, ...] = ("type:Conv2d",)
     ignore: tuple[str, ...] = ()
     importance: str = "l2"
+    group_by: str = ""
 
     def __post_init__(self) -> None:
         check(len(self.ratios) >= 1 and all(0 <= r < 1 for r in self.ratios),
@@ -79,21 +87,45 @@ class AutoCompressConfig(MethodConfig):
         check(self.trials >= 1, f"{_NAME}: trials must be >= 1; found {self.trials!r}")
         check(self.strategy in STRATEGIES, f"{_NAME}: strategy must be one of {list(STRATEGIES)}; "
                                            f"found {self.strategy!r}")
+        if self.group_by:
+            try:
+                groups = re.compile(self.group_by).groups
+            except re.error as exc:
+                raise ConfigError(f"{_NAME}: group_by {self.group_by!r} is not a regular expression: "
+                                  f"{exc}") from exc
+            check(groups == 1, f"{_NAME}: group_by must have exactly one capture group; found {groups} in "
+                               f"{self.group_by!r}")
 
 
-def compress_layers(model: nn.Module, ratios: dict[str, float], cfg: AutoCompressConfig,
-                    ctx: Context) -> dict[str, dict[str, Any]]:
-    """Apply ``cfg.prune_method`` to each layer at its ratio, in place; the merged structure changes."""
+def compress_layers(model: nn.Module, ratios: dict[str, float], cfg: AutoCompressConfig, ctx: Context,
+                    units: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, Any]]:
+    """Apply ``cfg.prune_method`` to each unit at its ratio, in place; the merged structure changes.
+
+    ``units`` maps a ratio's key to its layers (default: each key is one layer's name).
+    """
     structure: dict[str, dict[str, Any]] = {}
-    for fqn, ratio in ratios.items():
-        if ratio <= 0 or fqn not in dict(model.named_modules()):
-            continue  # a layer already removed with its group by an earlier cut
-        raw: dict[str, Any] = {"method": cfg.prune_method, "ratio": ratio, "targets": [fqn],
+    for key, ratio in ratios.items():
+        present = dict(model.named_modules())
+        members = [f for f in (units[key] if units is not None else [key]) if f in present]
+        if ratio <= 0 or not members:
+            continue  # layers already removed with their group by an earlier cut
+        raw: dict[str, Any] = {"method": cfg.prune_method, "ratio": ratio, "targets": members,
                                "ignore": list(cfg.ignore)}
         if cfg.importance:
             raw["importance"] = cfg.importance
         merge_structure(structure, apply_by_key(model, raw, ctx, _NAME).structure)
     return structure
+
+
+def _units(layers: list[str], group_by: str) -> dict[str, list[str]]:
+    """Gene name -> layers: one layer each, or the layers sharing ``group_by``'s capture."""
+    if not group_by:
+        return {f: [f] for f in layers}
+    units: dict[str, list[str]] = {}
+    for fqn in layers:
+        match = re.search(group_by, fqn)
+        units.setdefault(match.group(1) if match else fqn, []).append(fqn)
+    return units
 
 
 def _score(metrics: dict[str, float], metric: str) -> float:
@@ -113,16 +145,18 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
     if ctx.eval_fn is None:
         raise DataError(f"{_NAME}: needs ctx.eval_fn to judge candidates")
     x = ctx.require_example_inputs(_NAME)
-    layers = [f for f, m in select(model, cfg.targets, cfg.ignore) if isinstance(m, nn.Conv2d | nn.Linear)]
-    if not layers:
+    found = [f for f, m in select(model, cfg.targets, cfg.ignore) if isinstance(m, nn.Conv2d | nn.Linear)]
+    if not found:
         raise UnsupportedModuleError(f"{_NAME}: no Conv2d or Linear layer among targets {list(cfg.targets)}")
+    units = _units(found, cfg.group_by)
+    layers = list(units)
     base = count_flops(model, x)
     budget = cfg.flops_budget * base
     ratios = tuple(sorted(set(cfg.ratios)))
 
     def candidate(choice: dict[str, float]) -> tuple[nn.Module, float]:
         pruned = copy.deepcopy(model)
-        compress_layers(pruned, choice, cfg, ctx)
+        compress_layers(pruned, choice, cfg, ctx, units)
         return pruned, count_flops(pruned, x)
 
     def objective(trial: Any) -> float:
@@ -151,7 +185,7 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
     best = max(done, key=lambda t: scores[t.number])
     uniform = [t for t in done if len(set(t.params.values())) == 1]
     choice = {f: float(best.params[f]) for f in layers}
-    structure = compress_layers(model, choice, cfg, ctx)
+    structure = compress_layers(model, choice, cfg, ctx, units)
     share = count_flops(model, x) / base
     stats = {"trials": float(len(study.trials)), "feasible": float(len(done)), "flops_share": round(share, 4),
              "best_score": scores[best.number], "seconds": round(time.perf_counter() - started, 1)}
@@ -163,6 +197,6 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
                 scores[best.number],
                 stats.get("best_uniform_score"), share, len(study.trials))
     return Outcome(model=model, touched=tuple(structure), structure=structure, stats=stats,
-                   layers={f: {"ratio": r} for f, r in choice.items()},
+                   layers={f: {"ratio": r} for key, r in choice.items() for f in units[key]},
                    fronts={"FLOPs share of the original|score (Pareto front of the trials)":
                            [list(p) for p in front]})

@@ -120,6 +120,8 @@ class NASSearchConfig(MethodConfig):
         PostgreSQL the next trial a surviving worker starts more than ``grace_period_s``
         after the lost trial's last heartbeat marks it failed and queues its architecture
         again (up to twice); on SQLite a lost trial stays running and is not counted.
+        A trial whose sampler re-proposes an architecture already measured reuses that
+        result (it counts towards ``trials``, records ``duplicate_of`` and adds no row).
         Each trial records the ``worker`` (host:pid) that ran it. Writes
         ``plots/nas_pareto.png`` and ``nas_trials.md`` into ``ctx.workdir``. Evolution draws
         random picks until ``trials // 3`` are complete, then mutates one gene of a
@@ -308,6 +310,13 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
     def objective(trial: Any) -> tuple[float, ...]:
         arch = cfg.space.arch({name: trial.suggest_categorical(name, list(c)) for name, c in genes.items()})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        twin = _twin(study, trial)
+        if twin is not None:  # samplers re-propose architectures: reuse the measured result
+            for key, value in twin.user_attrs.items():
+                if key != "worker":
+                    trial.set_user_attr(key, value)
+            trial.set_user_attr("duplicate_of", twin.number)
+            return tuple(twin.values)
         try:
             model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number, base=base, teacher=teacher)
             values = tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
@@ -338,6 +347,16 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
     return _collect(study, cfg, models, structures)
 
 
+def _twin(study: Any, trial: Any) -> Any:
+    """The first complete trial (not itself a duplicate) with ``trial``'s parameters, if any."""
+    from optuna.trial import TrialState
+
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == trial.params and "duplicate_of" not in other.user_attrs:
+            return other
+    return None
+
+
 def _spent(study: Any) -> int:
     """Trials that count towards the budget: complete, or failed with an error (not lost with a worker)."""
     from optuna.trial import TrialState
@@ -351,7 +370,8 @@ def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module],
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    rows = [{"trial": t.number, **t.user_attrs} for t in trials if t.state == TrialState.COMPLETE]
+    rows = [{"trial": t.number, **t.user_attrs} for t in trials
+            if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     lost = "lost: its worker stopped sending heartbeats (killed or disconnected)"
     failed = [{"trial": t.number, "error": t.user_attrs.get("error", t.system_attrs.get("fail_reason", lost))}
               for t in trials if t.state == TrialState.FAIL]
