@@ -109,3 +109,15 @@ def test_group_by_gives_layers_that_produce_one_channel_group_one_ratio(tmp_path
         AutoCompressConfig(group_by="block")
     with pytest.raises(ConfigError, match="not a regular expression"):
         AutoCompressConfig(group_by="(block")
+
+
+def test_candidates_over_the_budget_are_repaired_into_it() -> None:
+    torch.manual_seed(0)
+    model = _Chain().eval()
+    ctx = _ctx(model)
+    cfg = AutoCompressConfig(ratios=(0.0, 0.25, 0.5, 0.75), flops_budget=0.5, trials=10, strategy="random",
+                             ignore=("head",))
+    result = ts.apply(model, cfg, ctx)
+    stats = result.record.outcomes[0].stats
+    assert stats["feasible"] == stats["trials"] == 10  # a random pick rarely fits; each was moved into the budget
+    assert stats["flops_share"] <= 0.5

@@ -59,10 +59,13 @@ class AutoCompressConfig(MethodConfig):
           ignore: ["classifier.3"]
 
     Notes:
-        Candidates over the budget are not evaluated (they score minus infinity), so the search
-        spends its evaluations inside the budget; the uniform ratios of ``ratios`` are always
-        among the first candidates, so the result is never worse than the best uniform setting
-        on ``eval_fn``. Candidates are judged without fine-tuning, as AMC does; add a ``train``
+        A candidate over the budget is repaired before it is judged: every ratio below the
+        largest moves one step up ``ratios`` until the candidate fits (AMC bounds its agent's
+        actions by the budget in the same spirit), so nearly every trial is spent inside the
+        budget; the trial records the ratios it was judged with (``choice``). A candidate
+        that cannot fit even then scores minus infinity. The uniform ratios of ``ratios`` are
+        always among the first candidates, so the result is never worse than the best uniform
+        setting on ``eval_fn``. Candidates are judged without fine-tuning, as AMC does; add a ``train``
         block or a ``distillation.logits`` stage after it. Needs ``ctx.eval_fn`` and
         ``ctx.example_inputs``; the per-layer ratios chosen are listed in the report.
     """
@@ -162,7 +165,11 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
     def objective(trial: Any) -> float:
         choice = {f: trial.suggest_categorical(f, ratios) for f in layers}
         pruned, flops = candidate(choice)
+        while flops > budget and any(r < ratios[-1] for r in choice.values()):  # repair: one step up each
+            choice = {f: ratios[min(ratios.index(r) + 1, len(ratios) - 1)] for f, r in choice.items()}
+            pruned, flops = candidate(choice)
         trial.set_user_attr("flops_share", flops / base)
+        trial.set_user_attr("choice", choice)
         if flops > budget:
             return -math.inf
         return _score(dict(ctx.eval_fn(pruned)), cfg.metric)  # type: ignore[misc]
@@ -183,8 +190,8 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
         raise ConfigError(f"{_NAME}: no candidate met flops_budget {cfg.flops_budget}; the smallest reached "
                           f"{smallest:.3f} of the original FLOPs (allow larger ratios or a larger budget)")
     best = max(done, key=lambda t: scores[t.number])
-    uniform = [t for t in done if len(set(t.params.values())) == 1]
-    choice = {f: float(best.params[f]) for f in layers}
+    uniform = [t for t in done if len(set(t.user_attrs["choice"].values())) == 1]
+    choice = {f: float(r) for f, r in best.user_attrs["choice"].items()}
     structure = compress_layers(model, choice, cfg, ctx, units)
     share = count_flops(model, x) / base
     stats = {"trials": float(len(study.trials)), "feasible": float(len(done)), "flops_share": round(share, 4),
