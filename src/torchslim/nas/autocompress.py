@@ -104,13 +104,18 @@ def compress_layers(model: nn.Module, ratios: dict[str, float], cfg: AutoCompres
                     units: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, Any]]:
     """Apply ``cfg.prune_method`` to each unit at its ratio, in place; the merged structure changes.
 
-    ``units`` maps a ratio's key to its layers (default: each key is one layer's name).
+    ``units`` maps a ratio's key to its layers (default: each key is one layer's name). Units
+    with the same ratio are pruned in one call (the method applies its ratio per channel group).
     """
     structure: dict[str, dict[str, Any]] = {}
+    by_ratio: dict[float, list[str]] = {}
     for key, ratio in ratios.items():
+        if ratio > 0:
+            by_ratio.setdefault(ratio, []).extend(units[key] if units is not None else [key])
+    for ratio, layers in sorted(by_ratio.items()):
         present = dict(model.named_modules())
-        members = [f for f in (units[key] if units is not None else [key]) if f in present]
-        if ratio <= 0 or not members:
+        members = [f for f in layers if f in present]
+        if not members:
             continue  # layers already removed with their group by an earlier cut
         raw: dict[str, Any] = {"method": cfg.prune_method, "ratio": ratio, "targets": members,
                                "ignore": list(cfg.ignore)}
