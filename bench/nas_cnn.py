@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import torchslim as ts
-from torchslim.nas import CNNArch, CNNSpace, LatencyTable, NASSearchConfig, build_cnn, search, spearman
+from torchslim.nas import CNNArch, CNNSpace, LatencyTable, NASSearchConfig, build_cnn, search
 from torchslim.nas._study import plot_front, table
-from torchslim.nas.latency import measured_latency
+from torchslim.nas.latency import assess, measured_latency
 from torchslim.nas.search import SearchResult
 from torchslim.recipes import TrainSpec
 from torchslim.train import fit
@@ -59,14 +59,7 @@ def _predictor(x: torch.Tensor, n: int) -> dict[str, float]:
     started = time.perf_counter()
     measured = [_latency(build_cnn(a).eval(), x) for a in archs]
     measure_s = time.perf_counter() - started
-    lut = LatencyTable(SPACE.image_size)
-    started = time.perf_counter()
-    predicted = [lut.predict(a) for a in archs]
-    lut_s = time.perf_counter() - started
-    lut.fit(archs[:10], measured[:10])
-    errors = [abs(lut.predict(a) - m) / m for a, m in zip(archs[10:], measured[10:])]
-    return {"n": n, "spearman": spearman(predicted, measured), "mape": sum(errors) / len(errors),
-            "ops": len(lut.table), "lut_s": lut_s, "measure_s": measure_s}
+    return {"n": n, **assess(LatencyTable(SPACE.image_size), archs, measured), "measure_s": measure_s}
 
 
 def main() -> None:
@@ -145,7 +138,7 @@ def _render(args: argparse.Namespace, ref: dict[str, float], budget: float, resu
     lines += ["## Latency predictor (per-operator lookup table)", "",
               "| candidates | Spearman (LUT sum vs measured) | MAPE after a 2-parameter fit on 10 | "
               "operators timed | LUT time (s) | measuring all (s) |", "|---|---|---|---|---|---|",
-              f"| {predictor['n']} | {predictor['spearman']:.3f} | {predictor['mape']:.1%} | {predictor['ops']} | "
+              f"| {predictor['n']} | {predictor['spearman']:.3f} | {predictor['mape']:.1%} | {predictor['ops']:.0f} | "
               f"{predictor['lut_s']:.1f} | {predictor['measure_s']:.1f} |", ""]
     return "\n".join(lines)
 

@@ -37,10 +37,9 @@ from torchslim.nas import (
     TransformerSpace,
     model_dims,
     search,
-    spearman,
 )
 from torchslim.nas._study import plot_front, table
-from torchslim.nas.latency import measured_latency
+from torchslim.nas.latency import assess, measured_latency
 from torchslim.nas.search import SearchResult
 from torchslim.nas.transformer import slice_student
 from torchslim.zoo import minilm
@@ -69,13 +68,7 @@ def _predictor(teacher: torch.nn.Module, ctx: ts.Context, n: int) -> dict[str, f
                     for _ in range(2)) for a in archs]
     measuring = time.perf_counter() - started
     table_ = TransformerLatencyTable(model_dims(teacher), batch_size=8, seq_len=128)
-    started = time.perf_counter()
-    predicted = [table_.raw(a) for a in archs]
-    lut = time.perf_counter() - started
-    table_.fit(archs[:10], measured[:10])
-    errors = [abs(table_.predict(a) - m) / m for a, m in zip(archs[10:], measured[10:])]
-    return {"n": n, "spearman": spearman(predicted, measured), "mape": sum(errors) / len(errors),
-            "ops": len(table_.table), "lut_s": lut, "measure_s": measuring,
+    return {"n": n, **assess(table_, archs, measured), "measure_s": measuring,
             "range": (min(measured), max(measured))}
 
 
@@ -143,7 +136,7 @@ def _section(args: argparse.Namespace, reference: dict[str, Any], result: Search
                   "| students | Spearman (LUT sum vs measured) | MAPE after a 2-parameter fit on 10 | "
                   "operators timed | LUT time (s) | measuring all (s) | measured range (ms) |",
                   "|---|---|---|---|---|---|---|",
-                  f"| {predictor['n']} | {predictor['spearman']:.3f} | {predictor['mape']:.1%} | {predictor['ops']} | "
+                  f"| {predictor['n']} | {predictor['spearman']:.3f} | {predictor['mape']:.1%} | {predictor['ops']:.0f} | "
                   f"{predictor['lut_s']:.1f} | {predictor['measure_s']:.1f} | "
                   f"{predictor['range'][0]:.1f}-{predictor['range'][1]:.1f} |"]
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average "

@@ -22,6 +22,7 @@ from torchslim.nas import (
     search,
     slice_student,
 )
+from torchslim.nas.latency import assess
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optuna")
@@ -169,3 +170,15 @@ def test_a_re_proposed_student_is_not_trained_again() -> None:
     only = {"kind": "transformer", "layers": [1], "heads": [2], "ffn": [32]}  # one student in the space
     result = search(_cfg(space=only, trials=3), dataclasses.replace(ctx, eval_fn=counting), base=model)
     assert len(calls) == 1 and len(result.rows) == 1 and not result.failed
+
+
+def test_assess_reports_rank_agreement_and_the_error_after_the_fit() -> None:
+    table = TransformerLatencyTable(model_dims(tiny_encoder()), batch_size=2, seq_len=8, repeats=1)
+    table.table = {("attention", 2): 1.0, ("attention", 4): 1.5, ("ffn", 32): 0.5, ("ffn", 64): 0.8}  # as timed
+    archs = [TransformerArch(layers=n, heads=h, ffn=f) for n in (1, 2, 3) for h in (2, 4) for f in (32, 64)]
+    measured = [3 * table.raw(a) + 2 for a in archs]  # a machine 3x slower plus a fixed cost
+    scores = assess(table, archs, measured, fit_on=4)
+    assert scores["spearman"] == pytest.approx(1.0) and scores["mape"] == pytest.approx(0.0, abs=1e-9)
+    assert scores["ops"] == 4 and (table.scale, table.offset) == (pytest.approx(3.0), pytest.approx(2.0))
+    with pytest.raises(ConfigError, match="more than fit_on=10"):
+        assess(table, archs[:5], measured[:5])

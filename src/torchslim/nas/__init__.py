@@ -2,7 +2,7 @@
 (``nas.search``) and per-layer compression settings under a budget (``nas.autocompress``)."""
 
 from torchslim.nas.autocompress import AutoCompressConfig
-from torchslim.nas.latency import LatencyTable, TransformerLatencyTable, spearman
+from torchslim.nas.latency import LatencyTable, TransformerLatencyTable, assess, spearman
 from torchslim.nas.search import NASSearchConfig, search
 from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
 from torchslim.nas.transformer import TransformerArch, TransformerSpace, model_dims, slice_student
@@ -17,6 +17,7 @@ __all__ = [
     "TransformerArch",
     "TransformerLatencyTable",
     "TransformerSpace",
+    "assess",
     "build_cnn",
     "model_dims",
     "search",

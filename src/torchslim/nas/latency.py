@@ -12,6 +12,7 @@ a search needs, so ``spearman`` reports it.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from torchslim.measure.latency import measure_latency, model_latency
 from torchslim.nas.spaces import CNNArch, Head, ResBlock, stage, stem
 from torchslim.nas.transformer import ModelDims, TransformerArch
 
-__all__ = ["LatencyTable", "TransformerLatencyTable", "measured_latency", "one_thread", "operators",
+__all__ = ["LatencyTable", "TransformerLatencyTable", "assess", "measured_latency", "one_thread", "operators",
            "spearman"]
 
 Op = tuple[Any, ...]
@@ -230,3 +231,23 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = float((rx.square().sum() * ry.square().sum()).sqrt())
     return float((rx * ry).sum()) / denominator if denominator else 0.0
+
+
+def assess(table: _OpTable, archs: Sequence[Any], measured: Sequence[float],
+           fit_on: int = 10) -> dict[str, float]:
+    """How well ``table`` predicts ``measured`` latencies (ms) of ``archs``.
+
+    Returns ``spearman`` (operator sums vs measurement: the ranking a search relies on),
+    ``mape`` (mean relative error on the rest after fitting scale and offset on the first
+    ``fit_on``), ``ops`` (operators timed) and ``lut_s`` (seconds spent timing them).
+    """
+    if len(archs) != len(measured) or len(archs) <= fit_on or fit_on < 2:
+        raise ConfigError(f"assess: expected one measurement per architecture and more than fit_on={fit_on} "
+                          f">= 2 of them, found {len(archs)} architectures and {len(measured)} measurements")
+    started = time.perf_counter()
+    predicted = [table.raw(a) for a in archs]
+    lut_s = time.perf_counter() - started
+    table.fit(archs[:fit_on], measured[:fit_on])
+    errors = [abs(table.predict(a) - m) / m for a, m in zip(archs[fit_on:], measured[fit_on:])]
+    return {"spearman": spearman(predicted, measured), "mape": sum(errors) / len(errors),
+            "ops": float(len(table.table)), "lut_s": lut_s}
