@@ -236,7 +236,7 @@ def evaluate(arch: Arch, cfg: NASSearchConfig, ctx: Context, seed: int, base: nn
     torch.manual_seed(seed)
     model, structure = candidate(arch, cfg, ctx, base)
     if teacher is None:
-        teacher = copy.deepcopy(base) if base is not None else ctx.teacher
+        teacher = copy.deepcopy(base) if base is not None and cfg.distill else ctx.teacher
     methods = [resolve(m)(m) for m in (config_from_dict(raw, f"{_NAME}.distill") for raw in cfg.distill)]
     fit(model, TrainSpec(epochs=cfg.epochs_per_trial, lr=cfg.lr), methods, ctx, teacher=teacher)
     for method in methods:
@@ -302,7 +302,7 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
                           f"{list(cfg.objectives)}; choose another study_name")
     seed = ctx.seed + 1000 * worker + len(study.get_trials(deepcopy=False))  # workers draw different picks
     study.sampler = _study.make_sampler(cfg.strategy, genes, seed, cfg.trials)
-    teacher = copy.deepcopy(base) if base is not None else None  # trials freeze it; base stays as given
+    teacher = copy.deepcopy(base) if base is not None and cfg.distill else None  # trials freeze their teacher
     models: dict[int, nn.Module] = {}
     structures: dict[int, dict[str, dict[str, Any]]] = {}
     kept: list[tuple[float, int]] = []
