@@ -94,13 +94,16 @@ class _OpTable:
         """The operator keys of ``arch``."""
         raise NotImplementedError
 
-    def _time(self, op: Op) -> float:
+    def _operator(self, op: Op) -> tuple[nn.Module, torch.Tensor]:
+        """The operator as a module and an input of its shape."""
         raise NotImplementedError
 
     def op_ms(self, op: Op) -> float:
         """The operator's time in ms, timed on first use."""
         if op not in self.table:
-            self.table[op] = self._time(op)
+            module, x = self._operator(op)
+            module.eval()
+            self.table[op] = _min_ms(lambda: module(x), self.repeats)
         return self.table[op]
 
     def raw(self, arch: Any) -> float:
@@ -143,12 +146,10 @@ class LatencyTable(_OpTable):
         """The operator keys of ``arch`` (see ``operators``)."""
         return operators(arch, self.image_size)
 
-    def _time(self, op: Op) -> float:
+    def _operator(self, op: Op) -> tuple[nn.Module, torch.Tensor]:
         module, channels = _module(op)
-        module.eval()
         side = op[-1]
-        x = torch.randn(self.batch_size, channels, side, side)
-        return _min_ms(lambda: module(x), self.repeats)
+        return module, torch.randn(self.batch_size, channels, side, side)
 
 
 class _Attention(nn.Module):
@@ -199,13 +200,11 @@ class TransformerLatencyTable(_OpTable):
         """``("attention", heads)`` and ``("ffn", width)`` once per layer of ``arch``."""
         return [("attention", arch.heads), ("ffn", arch.ffn)] * arch.layers
 
-    def _time(self, op: Op) -> float:
+    def _operator(self, op: Op) -> tuple[nn.Module, torch.Tensor]:
         hidden = self.dims.hidden
         attention = op[0] == "attention"
         module = _Attention(hidden, op[1], self.dims.head_dim) if attention else _ffn(hidden, op[1])
-        module.eval()
-        x = torch.randn(self.batch_size, self.seq_len, hidden)
-        return _min_ms(lambda: module(x), self.repeats)
+        return module, torch.randn(self.batch_size, self.seq_len, hidden)
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from torchslim.core.config import check, coerce_fields
 from torchslim.core.structure import rebuildable
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the package supports 3.10
+    from typing import Self
 
 __all__ = ["CNNArch", "CNNBody", "CNNSpace", "GeneSpace", "SearchableCNN", "build_cnn", "default_cnn",
            "digits_cnn"]
@@ -36,6 +39,24 @@ class GeneSpace:
     def genes(self) -> dict[str, tuple[Any, ...]]:
         """Parameter name -> choices."""
         raise NotImplementedError
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "space") -> Self:
+        """Validate plain data (a recipe's ``space:`` mapping): unknown keys and wrong types fail."""
+        return cls(**coerce_fields(cls, raw, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings) for YAML and JSON."""
+        assert dataclasses.is_dataclass(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def _check_choices(self, *fields: str) -> None:
+        """Each of ``fields`` lists at least one choice, none twice."""
+        for field in fields:
+            values = getattr(self, field)
+            check(len(values) > 0, f"space.{field}: expected at least one choice, found an empty list")
+            check(len(set(values)) == len(values),
+                  f"space.{field}: expected distinct choices, found {list(values)}")
 
     def sample(self, rng: random.Random) -> dict[str, Any]:
         """A uniformly random pick of every gene."""
@@ -72,11 +93,7 @@ class CNNSpace(GeneSpace):
     image_size: int = 28
 
     def __post_init__(self) -> None:
-        for field in ("base_widths", "width_mults", "depths", "kernels"):
-            values = getattr(self, field)
-            check(len(values) > 0, f"space.{field}: expected at least one choice, found an empty list")
-            check(len(set(values)) == len(values),
-                  f"space.{field}: expected distinct choices, found {list(values)}")
+        self._check_choices("base_widths", "width_mults", "depths", "kernels")
         check(all(w >= 1 for w in self.base_widths), f"space.base_widths: expected widths >= 1, found "
               f"{list(self.base_widths)}")
         check(all(m > 0 for m in self.width_mults), f"space.width_mults: expected multipliers > 0, found "
@@ -94,15 +111,6 @@ class CNNSpace(GeneSpace):
         check(self.image_size >= 2**stages, f"space.image_size: {self.image_size} is too small for "
               f"{stages} stages (base_widths has {stages} entries; each halves the image); expected "
               f">= {2**stages}")
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "space") -> CNNSpace:
-        """Validate plain data (a recipe's ``space:`` mapping): unknown keys and wrong types fail."""
-        return cls(**coerce_fields(cls, raw, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, numbers) for YAML and JSON."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def genes(self) -> dict[str, tuple[Any, ...]]:
         """Parameter name -> choices: ``w<i>`` (multiplier), ``d<i>`` (depth), ``k<i>`` (kernel)."""

@@ -26,7 +26,6 @@ from typing import Any, Literal
 from torch import nn
 
 from torchslim.core import Context, check
-from torchslim.core.config import coerce_fields
 from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.nas._registry import apply_by_key, merge_structure
 from torchslim.nas.spaces import GeneSpace
@@ -103,23 +102,12 @@ class TransformerSpace(GeneSpace):
     head_importance: Literal["l1", "taylor", "output"] = "l1"
 
     def __post_init__(self) -> None:
+        self._check_choices("layers", "heads", "ffn")
         for field in ("layers", "heads", "ffn"):
             values = getattr(self, field)
-            check(len(values) > 0, f"{_WHERE}.{field}: expected at least one choice, found an empty list")
-            check(len(set(values)) == len(values), f"{_WHERE}.{field}: expected distinct choices, found "
-                  f"{list(values)}")
             check(all(v >= 1 for v in values),
                   f"{_WHERE}.{field}: expected choices >= 1, found {list(values)}")
         check(len(self.ffn_targets) > 0, f"{_WHERE}.ffn_targets: expected at least one selector, found none")
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = _WHERE) -> TransformerSpace:
-        """Validate plain data (a recipe's ``space:`` mapping): unknown keys and wrong types fail."""
-        return cls(**coerce_fields(cls, raw, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, numbers, strings) for YAML and JSON."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def genes(self) -> dict[str, tuple[Any, ...]]:
         """Parameter name -> choices: ``layers``, ``heads``, ``ffn``."""
