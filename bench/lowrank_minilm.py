@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import _minilm_distill as md
+import _sections
 import torch
 
 import torchslim as ts
@@ -89,16 +90,8 @@ def main() -> None:
 
 
 def write_section(lines: list[str], start: str, end: str) -> None:
-    """Replace the ``start`` .. ``end`` section of the doc (append it when missing)."""
-    text = DOC.read_text() if DOC.is_file() else "# Weight sharing and low-rank factorisation\n\n"
-    if start in text:
-        text = text[:text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        anchor = "\nSee also"
-        at = text.index(anchor) if anchor in text else len(text)
-        text = text[:at].rstrip("\n") + "\n\n" + "\n".join(lines) + "\n" + text[at:]
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    """Replace the ``start`` .. ``end`` section of the doc (put it before "See also" when missing)."""
+    _sections.write_section(DOC, lines, start, end, "# Weight sharing and low-rank factorisation", "\nSee also")
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ here from scratch for 2 epochs on the 60k training images (no pretrained ResNet-
 offline; cached); each basic block's inner width (``layerN.M.conv1``) gets its own ratio.
 
 ``--model mobilenet``: MobileNetV2 (ImageNet weights) and its Fashion-MNIST linear probe (ASSETS.md
-3.3, 96 px). Each inverted residual's hidden width (its expansion conv, the depthwise conv and
-the projection's inputs; block 1's depthwise conv) gets its own ratio. The probe is a frozen-
+3.3, 96 px). Each expanded block (2-17) gets one ratio for its hidden width (``group_by``: the
+expansion and depthwise convs that produce it, and the projection's inputs). The probe is a frozen-
 feature classifier, so a candidate is judged the way the probe is made: the linear head is
 refitted (logistic regression) on the pruned features of 2,000 training images (``--search-images``) and scored on
 1,000 other training images (5,000-5,999); the chosen and the best uniform setting are then
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _sections import write_section
 from torch.utils.data import TensorDataset
 
 import torchslim as ts
@@ -227,14 +228,7 @@ def main() -> None:
     if args.model == "mobilenet" and (args.step, tuple(args.search_images)) != (0.125, (2000, 1000)):
         key += f"-step{args.step:g}-{args.search_images[0]}-{args.search_images[1]}"
     start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
-    text = DOC.read_text() if DOC.is_file() else TITLE + "\n"
-    section = "\n".join([start, *lines, end])
-    if start in text and end in text:
-        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_section(DOC, [start, *lines, end], start, end, TITLE)
 
 
 if __name__ == "__main__":

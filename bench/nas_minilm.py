@@ -46,6 +46,7 @@ from torchslim.zoo import minilm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _minilm_distill import batches  # noqa: E402
+from _sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "nas.md"
@@ -103,8 +104,8 @@ def main() -> None:
            "label": "all-MiniLM-L6-v2 (teacher)"}
     PLOT.write_bytes(plot_front(result.rows, result.front, reference=ref, metric="Lee Pearson",
                                 title=f"MiniLM students: {len(result.rows)} trials ({args.strategy})"))
-    _write(_section(args, reference, result, minutes, predictor))
-    print(f"wrote {DOC}")
+    write_section(DOC, _section(args, reference, result, minutes, predictor), START, END,
+                  "# Neural architecture search (nas.search)")
 
 
 def _section(args: argparse.Namespace, reference: dict[str, Any], result: SearchResult, minutes: float,
@@ -142,15 +143,6 @@ def _section(args: argparse.Namespace, reference: dict[str, Any], result: Search
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average "
               f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}.", END]
     return lines
-
-
-def _write(lines: list[str]) -> None:
-    text = DOC.read_text() if DOC.is_file() else "# Neural architecture search (nas.search)\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
 
 
 if __name__ == "__main__":

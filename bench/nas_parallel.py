@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sections import write_section
 
 from torchslim.errors import TorchslimError
 from torchslim.nas.postgres import throwaway_server
@@ -116,10 +117,8 @@ def main() -> None:
                 results[mode].append(row)
                 print(f"round {round_} mode {mode}: {row}")
     load = os.getloadavg()[0]
-    DOC.write_text(_write(DOC.read_text() if DOC.is_file() else "# Neural architecture search (nas.search)\n",
-                          _section(args, results, load, pg_version, optuna.__version__,
-                                   psycopg2.__version__.split()[0])))
-    print(f"wrote {DOC}")
+    write_section(DOC, _section(args, results, load, pg_version, optuna.__version__,
+                                psycopg2.__version__.split()[0]), START, END, "# Neural architecture search (nas.search)")
 
 
 def _section(args: argparse.Namespace, results: dict[str, list[dict[str, float]]], load: float, pg_version: str,
@@ -153,12 +152,6 @@ def _section(args: argparse.Namespace, results: dict[str, list[dict[str, float]]
               "", f"Reproduce: `flock /tmp/torchslim-bench.lock python bench/nas_parallel.py --trials {args.trials} "
               f"--epochs {args.epochs} --repeats {args.repeats}`.", END]
     return lines
-
-
-def _write(text: str, lines: list[str]) -> str:
-    if START in text and END in text:
-        return text[:text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    return text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

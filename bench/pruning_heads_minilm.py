@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sections import write_section
 
 import torchslim as ts
 from torchslim.core import MethodConfig
@@ -55,13 +56,7 @@ def latencies(original: torch.nn.Module, model: torch.nn.Module, tok: object, ro
 
 
 def _write(lines: list[str], start: str, end: str) -> None:
-    text = DOC.read_text() if DOC.is_file() else "# Attention-head pruning\n\n"
-    if start in text:
-        text = text[:text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_section(DOC, lines, start, end, "# Attention-head pruning")
 
 
 def ffn_table(tok: object, original: torch.nn.Module, calib: list[dict[str, torch.Tensor]]) -> None:
