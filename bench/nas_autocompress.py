@@ -114,7 +114,7 @@ def classifier_rows(args: argparse.Namespace) -> list[str]:
     ratios = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     started = time.perf_counter()
     searched = ts.compress(make(), Recipe.single(AutoCompressConfig(
-        ratios=ratios, flops_budget=args.budget, trials=args.trials, **fields)), ctx)
+        ratios=ratios, budget={"flops": args.budget}, trials=args.trials, **fields)), ctx)
     minutes = (time.perf_counter() - started) / 60
     outcome = searched.record.outcomes[0]
     uniform = best_uniform(make, fields, args.budget * base, ctx)
@@ -182,7 +182,7 @@ def mobilenet_rows(args: argparse.Namespace) -> list[str]:
     ratios = tuple(round(args.step * i, 4) for i in range(int(0.75 / args.step + 1e-9) + 1))
     started = time.perf_counter()
     searched = ts.compress(mobilenet.mobilenet_probe_model(), Recipe.single(AutoCompressConfig(
-        ratios=ratios, flops_budget=args.budget, trials=args.trials, targets=MOBILENET_HIDDEN,
+        ratios=ratios, budget={"flops": args.budget}, trials=args.trials, targets=MOBILENET_HIDDEN,
         group_by=MOBILENET_BLOCK)), ctx)
     minutes = (time.perf_counter() - started) / 60
     outcome = searched.record.outcomes[0]

@@ -138,8 +138,10 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
 
     Every ``nas.search`` of the recipe gets ``storage`` (default: SQLite ``<out>.nas.db`` next
     to the output folder, which the run rewrites); the recipe's own ``nas.search`` joins the
-    study the workers fill. With ``worker`` set, this process only searches (it is worker
-    ``worker``; more can join from other machines with the same storage URL) and returns None.
+    study the workers fill. A one-shot search trains its supernet here first and saves it
+    beside the study (``<out>.supernet.safetensors``) for the workers to load. With ``worker``
+    set, this process only searches (it is worker ``worker``; more can join from other
+    machines with the same storage URL) and returns None.
     """
     import os
     import subprocess
@@ -148,6 +150,8 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     from torchslim.adapters import resolve_data, resolve_model
     from torchslim.errors import ConfigError
     from torchslim.nas.search import NASSearchConfig, search, study_result, write_artifacts
+    from torchslim.nas.spaces import CNNSpace
+    from torchslim.nas.supernet import load_or_train
     from torchslim.nas.transformer import TransformerSpace
 
     if workers < 1:
@@ -155,17 +159,18 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     recipe = load_recipe(recipe_source)
     url = storage or f"sqlite:///{out.resolve().parent / (out.name + '.nas.db')}"
     stages = tuple(dataclasses.replace(stage, methods=tuple(
-        dataclasses.replace(m, storage=url) if isinstance(m, NASSearchConfig) else m for m in stage.methods))
+        _shared(m, url, out) if isinstance(m, NASSearchConfig) else m for m in stage.methods))
         for stage in recipe.stages)
     searches = [m for stage in stages for m in stage.methods if isinstance(m, NASSearchConfig)]
     if not searches:
         raise ConfigError(f"{recipe_source}: torchslim search needs a recipe with a nas.search method")
     recipe = dataclasses.replace(recipe, stages=stages)
-    if worker is not None:
+    if worker is not None or (workers > 1 and any(cfg.one_shot for cfg in searches)):
         if recipe.data is None:
             raise ModelError("no data: the recipe has no 'data:' entry (e.g. data: zoo:fashion_mnist)")
         spec = model_spec or recipe.model
         ctx = resolve_data(recipe.data, quick=quick, model=spec).context()
+    if worker is not None:
         base = None
         if spec and any(isinstance(cfg.space, TransformerSpace) for cfg in searches):
             base, _ = resolve_model(spec, quick=quick, progress=False)  # students are sliced from it
@@ -173,6 +178,9 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
             search(cfg, ctx, worker=worker, base=base if isinstance(cfg.space, TransformerSpace) else None)
         return None
     check_out_dir(out, resume=False, overwrite=overwrite)
+    for cfg in searches:  # one-shot: the supernet trains once, here, before the workers load it
+        if cfg.one_shot is not None and workers > 1 and isinstance(cfg.space, CNNSpace):
+            load_or_train(cfg.space, cfg.one_shot, ctx, cfg.lr)
     extra = [*(["--model", model_spec] if model_spec else []), *(["--quick"] if quick else [])]
     env = dict(os.environ)  # extra workers take a share of the cores (this process keeps its threads)
     env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // workers, 1)))
@@ -186,6 +194,16 @@ def run_search_job(recipe_source: str | Path, out: Path, *, workers: int = 1, st
     for cfg in searches:  # the run's workdir (checkpoints/) is gone; the study still holds every trial
         write_artifacts(study_result(cfg), out, cfg.metric)
     return record
+
+
+def _shared(cfg: Any, url: str, out: Path) -> Any:
+    """A ``nas.search`` config on the shared study ``url``; a one-shot search's supernet is saved
+    beside the output folder (``<out>.supernet.safetensors``) unless its recipe names a path."""
+    one_shot = cfg.one_shot
+    if one_shot is not None and one_shot.path is None:
+        path = out.resolve().parent / (out.name + ".supernet.safetensors")
+        one_shot = dataclasses.replace(one_shot, path=str(path))
+    return dataclasses.replace(cfg, storage=url, one_shot=one_shot)
 
 
 def _clear(out: Path) -> None:

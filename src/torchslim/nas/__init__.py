@@ -5,14 +5,17 @@ from torchslim.nas.autocompress import AutoCompressConfig
 from torchslim.nas.latency import LatencyTable, TransformerLatencyTable, assess, spearman
 from torchslim.nas.search import NASSearchConfig, search
 from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
+from torchslim.nas.supernet import CNNSupernet, OneShot
 from torchslim.nas.transformer import TransformerArch, TransformerSpace, model_dims, slice_student
 
 __all__ = [
     "AutoCompressConfig",
     "CNNArch",
     "CNNSpace",
+    "CNNSupernet",
     "LatencyTable",
     "NASSearchConfig",
+    "OneShot",
     "SearchableCNN",
     "TransformerArch",
     "TransformerLatencyTable",

@@ -6,6 +6,7 @@ Optuna is imported inside functions only: ``import torchslim`` must not pull it 
 from __future__ import annotations
 
 import io
+import logging
 import random
 import time
 import warnings
@@ -15,7 +16,10 @@ from typing import Any, Literal
 
 from torchslim.errors import ConfigError
 
-__all__ = ["dominates", "make_sampler", "open_storage", "pareto_front", "plot_front", "table"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["dominates", "make_sampler", "open_storage", "pareto_front", "plot_front", "spent", "table",
+           "twin", "write_report"]
 
 DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {
     "accuracy": "maximize", "latency": "minimize", "flops": "minimize", "params": "minimize"}
@@ -186,3 +190,38 @@ def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def twin(study: Any, trial: Any) -> Any:
+    """The first complete trial (not itself a duplicate) with ``trial``'s parameters, if any."""
+    from optuna.trial import TrialState
+
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == trial.params and "duplicate_of" not in other.user_attrs:
+            return other
+    return None
+
+
+def spent(study: Any) -> int:
+    """Trials that count towards the budget: complete, or failed with an error (not lost with a worker)."""
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+               for t in study.get_trials(deepcopy=False))
+
+
+def write_report(rows: list[dict[str, Any]], front: list[dict[str, Any]], folder: Path, metric: str) -> None:
+    """Write ``nas_trials.md`` (front and all trials) and ``plots/nas_pareto.png`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (f"# nas.search trials\n\n## Pareto front\n\n{table(front, metric)}\n\n"
+            "## All complete trials\n\n")
+    (folder / "nas_trials.md").write_text(text + table(rows, metric) + "\n")
+    try:
+        png = plot_front(rows, front, metric=metric)
+    except ImportError:
+        logger.warning("matplotlib is not installed: nas.search writes no Pareto plot")
+        return
+    (folder / "plots").mkdir(exist_ok=True)
+    tmp = folder / "plots" / "nas_pareto.png.tmp"
+    tmp.write_bytes(png)
+    tmp.replace(folder / "plots" / "nas_pareto.png")

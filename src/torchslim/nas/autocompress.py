@@ -1,4 +1,5 @@
-"""Automatic compression: search per-layer pruning ratios under a FLOPs budget (AMC-like), on Optuna."""
+"""Automatic compression: per-layer pruning ratios and bit widths under a FLOPs, latency or size budget
+(AMC- and HAQ-like), searched on Optuna."""
 
 from __future__ import annotations
 
@@ -13,67 +14,92 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, register, select
-from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
+from torchslim.core import Context, MethodConfig, Outcome, check, config_from_dict, register, select
+from torchslim.core.registry import get_config_class
+from torchslim.core.storage import serialized_size
+from torchslim.errors import ConfigError, DataError, RecipeError, UnsupportedModuleError
 from torchslim.measure.flops import count_flops
 from torchslim.nas import _study
 from torchslim.nas._registry import apply_by_key, merge_structure
+from torchslim.nas.latency import measured_latency
 
-__all__ = ["AutoCompressConfig", "apply", "compress_layers"]
+__all__ = ["AutoCompressConfig", "apply", "compress_layers", "measure"]
 
 logger = logging.getLogger(__name__)
 _NAME = "nas.autocompress"
 STRATEGIES = ("random", "tpe", "evolution")
+MEASURES = ("flops", "latency", "size")
+_BITS = "@bits"  # suffix of a unit's bit-width gene
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AutoCompressConfig(MethodConfig):
-    """Search a pruning ratio per layer that keeps the most accuracy under a FLOPs budget.
+    """Search a pruning ratio and a bit width per layer that keep the most accuracy under a budget.
 
-    Paper: He et al., "AMC: AutoML for Model Compression and Acceleration on Mobile Devices",
+    Papers: He et al., "AMC: AutoML for Model Compression and Acceleration on Mobile Devices",
     ECCV 2018, https://arxiv.org/abs/1802.03494 (per-layer ratios found by search beat uniform
-    ratios at the same FLOPs); the search here runs on an Optuna study instead of a DDPG agent.
+    ratios at the same FLOPs); Wang et al., "HAQ: Hardware-Aware Automated Quantization with
+    Mixed Precision", CVPR 2019, https://arxiv.org/abs/1811.08886 (per-layer bit widths under a
+    latency or size budget). The search runs on an Optuna study instead of an RL agent.
 
     Args:
         prune_method: The registry key applied to each layer (by key, never imported): a
             structured pruning method with ``ratio``, ``targets`` and ``ignore`` fields.
         ratios: The ratios a layer may get (0 leaves it whole).
-        flops_budget: Largest allowed FLOPs of the result, as a share of the original's.
-        trials: Candidates evaluated (each: prune a copy, measure FLOPs, call ``ctx.eval_fn``).
+        bits: The bit widths a layer may get from ``quantize`` (empty: no quantization).
+        quantize: The methods (registry keys with their fields) that quantize a layer at its
+            bit width, in order; ``bits`` and ``targets`` are filled in where a method has
+            those fields. The default clusters weights (``sharing.kmeans``) and stores the
+            indices Huffman-coded (``sharing.huffman``), so fewer bits make a smaller file.
+        budget: Upper bounds as shares of the original model, all met by the result:
+            ``flops`` (counted), ``latency`` (measured on ``ctx.example_inputs``) and
+            ``size`` (bytes of the saved weights).
+        trials: Candidates evaluated (each: compress a copy, measure it, call ``ctx.eval_fn``).
         strategy: ``random``, ``tpe`` or ``evolution`` (regularized evolution).
         metric: Key of ``ctx.eval_fn``'s result to maximise; empty: its first key.
-        targets: Layers that get their own ratio: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
-        ignore: Layers left whole (and passed to the pruning method's ``ignore``).
+        targets: Layers that get their own setting: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
+        ignore: Layers left alone (and passed to the pruning method's ``ignore``).
         importance: The ``importance`` field passed to ``prune_method`` (empty: its default).
         group_by: A regular expression with one capture group: selected layers whose names
-            give the same capture share one ratio and are pruned in one call (e.g.
+            give the same capture share one setting and are compressed in one call (e.g.
             ``features\\.(\\d+)\\.`` gives each MobileNetV2 block one ratio for its expansion
             and depthwise convs, which produce the same channels: structured pruning cuts a
-            channel group only when all its producers are targeted). Empty: one ratio per layer.
+            channel group only when all its producers are targeted). Empty: one per layer.
 
     Recipe:
         - method: nas.autocompress
-          flops_budget: 0.5
+          budget: {flops: 0.5}
           ratios: [0.0, 0.25, 0.5, 0.75]
           trials: 40
           ignore: ["classifier.3"]
+        - method: nas.autocompress   # pruning and bit widths under a file-size budget
+          budget: {size: 0.1}
+          ratios: [0.0, 0.25, 0.5]
+          bits: [2, 3, 4, 5, 6, 8]
+          targets: ["type:Conv2d", "type:Linear"]
 
     Notes:
         A candidate over the budget is repaired before it is judged: every ratio below the
-        largest moves one step up ``ratios`` until the candidate fits (AMC bounds its agent's
-        actions by the budget in the same spirit), so nearly every trial is spent inside the
-        budget; the trial records the ratios it was judged with (``choice``). A candidate
-        that cannot fit even then scores minus infinity. The uniform ratios of ``ratios`` are
-        always among the first candidates, so the result is never worse than the best uniform
-        setting on ``eval_fn``. Candidates are judged without fine-tuning, as AMC does; add a ``train``
-        block or a ``distillation.logits`` stage after it. Needs ``ctx.eval_fn`` and
-        ``ctx.example_inputs``; the per-layer ratios chosen are listed in the report.
+        largest moves one step up ``ratios`` and every bit width above the smallest one step
+        down ``bits`` until the candidate fits (AMC and HAQ bound their agents' actions by
+        the budget in the same spirit), so nearly every trial is spent inside the budget;
+        the trial records the setting it was judged with (``choice``). A candidate that
+        cannot fit even then scores minus infinity. The uniform settings (one ratio and one
+        bit width for every layer) are always among the first candidates, so the result is
+        never worse than the best uniform setting on ``eval_fn``. Latency is the best of 20
+        single-thread calls (noisy on a busy machine; prefer ``flops`` or ``size`` there).
+        Candidates are judged without fine-tuning, as AMC does; add a ``train`` block or a
+        ``distillation.logits`` stage after it (clustered centroids stay trainable). Needs
+        ``ctx.eval_fn`` and ``ctx.example_inputs``; the per-layer settings chosen are listed
+        in the report.
     """
 
     name: ClassVar[str] = _NAME
     prune_method: str = "pruning.channel"
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-    flops_budget: float = 0.5
+    bits: tuple[int, ...] = ()
+    quantize: tuple[Mapping[str, Any], ...] = ({"method": "sharing.kmeans"}, {"method": "sharing.huffman"})
+    budget: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"flops": 0.5})
     trials: int = 40
     strategy: str = "tpe"
     metric: str = ""
@@ -85,8 +111,18 @@ class AutoCompressConfig(MethodConfig):
     def __post_init__(self) -> None:
         check(len(self.ratios) >= 1 and all(0 <= r < 1 for r in self.ratios),
               f"{_NAME}: ratios must be a non-empty list of values in [0, 1); found {list(self.ratios)}")
-        check(0 < self.flops_budget <= 1,
-              f"{_NAME}: flops_budget must be in (0, 1]; found {self.flops_budget!r}")
+        check(len(set(self.bits)) == len(self.bits) and all(1 <= b <= 16 for b in self.bits),
+              f"{_NAME}: bits must be distinct widths in 1..16; found {list(self.bits)}")
+        check(not self.bits or bool(self.quantize), f"{_NAME}: bits {list(self.bits)} need quantize methods; "
+              "found none")
+        for i, raw in enumerate(self.quantize):
+            width = {"bits": self.bits[0]} if "bits" in _fields(raw) and self.bits else {}
+            config_from_dict({**raw, **width}, f"{_NAME}.quantize[{i}]")
+        check(bool(self.budget) and set(self.budget) <= set(MEASURES), f"{_NAME}: budget must bound some of "
+              f"{list(MEASURES)} (e.g. {{flops: 0.5}}); found {dict(self.budget)}")
+        for key, share in self.budget.items():
+            check(isinstance(share, int | float) and 0 < share <= 1,
+                  f"{_NAME}: budget.{key} must be a share in (0, 1]; found {share!r}")
         check(self.trials >= 1, f"{_NAME}: trials must be >= 1; found {self.trials!r}")
         check(self.strategy in STRATEGIES, f"{_NAME}: strategy must be one of {list(STRATEGIES)}; "
                                            f"found {self.strategy!r}")
@@ -99,30 +135,69 @@ class AutoCompressConfig(MethodConfig):
             check(groups == 1, f"{_NAME}: group_by must have exactly one capture group; found {groups} in "
                                f"{self.group_by!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        out = super().to_dict()
+        out["quantize"] = [dict(raw) for raw in self.quantize]
+        out["budget"] = dict(self.budget)
+        return out
 
-def compress_layers(model: nn.Module, ratios: dict[str, float], cfg: AutoCompressConfig, ctx: Context,
-                    units: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, Any]]:
-    """Apply ``cfg.prune_method`` to each unit at its ratio, in place; the merged structure changes.
 
-    ``units`` maps a ratio's key to its layers (default: each key is one layer's name). Units
-    with the same ratio are pruned in one call (the method applies its ratio per channel group).
+def _fields(raw: Mapping[str, Any]) -> set[str]:
+    """The field names of the method ``raw`` names."""
+    method = raw.get("method")
+    if not isinstance(method, str):
+        raise ConfigError(f"{_NAME}.quantize: each entry needs a 'method' key; found {dict(raw)}")
+    try:
+        cls = get_config_class(method)
+    except RecipeError as exc:
+        raise RecipeError(f"{_NAME}.quantize: {exc}") from exc
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def compress_layers(model: nn.Module, ratios: Mapping[str, float], cfg: AutoCompressConfig, ctx: Context,
+                    units: Mapping[str, Sequence[str]] | None = None,
+                    bits: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """Prune each unit at its ratio, then quantize it at its bit width, in place; the merged
+    structure changes.
+
+    ``units`` maps a setting's key to its layers (default: each key is one layer's name).
+    Units with the same ratio (bit width) are compressed in one call.
     """
     structure: dict[str, dict[str, Any]] = {}
-    by_ratio: dict[float, list[str]] = {}
-    for key, ratio in ratios.items():
-        if ratio > 0:
-            by_ratio.setdefault(ratio, []).extend(units[key] if units is not None else [key])
-    for ratio, layers in sorted(by_ratio.items()):
-        present = dict(model.named_modules())
-        members = [f for f in layers if f in present]
-        if not members:
-            continue  # layers already removed with their group by an earlier cut
-        raw: dict[str, Any] = {"method": cfg.prune_method, "ratio": ratio, "targets": members,
-                               "ignore": list(cfg.ignore)}
-        if cfg.importance:
-            raw["importance"] = cfg.importance
-        merge_structure(structure, apply_by_key(model, raw, ctx, _NAME).structure)
+    extra = {"importance": cfg.importance} if cfg.importance else {}
+    for ratio, members in _grouped(model, ratios, units, skip=0.0):
+        cut = {"method": cfg.prune_method, "ratio": ratio, "targets": members, "ignore": list(cfg.ignore),
+               **extra}
+        merge_structure(structure, apply_by_key(model, cut, ctx, _NAME).structure)
+    if not bits:
+        return structure
+    for raw in cfg.quantize:
+        fields = _fields(raw)
+        if "bits" not in fields and "targets" not in fields:  # e.g. sharing.huffman: once, for every layer
+            merge_structure(structure, apply_by_key(model, raw, ctx, _NAME).structure)
+            continue
+        for width, members in _grouped(model, bits, units):
+            filled = {**raw, **({"bits": width} if "bits" in fields else {}),
+                      **({"targets": members} if "targets" in fields else {})}
+            merge_structure(structure, apply_by_key(model, filled, ctx, _NAME).structure)
     return structure
+
+
+def _grouped(model: nn.Module, settings: Mapping[str, Any], units: Mapping[str, Sequence[str]] | None,
+             skip: Any = None) -> list[tuple[Any, list[str]]]:
+    """(setting, the layers with it that the model still has), in ascending order of the setting."""
+    by_value: dict[Any, list[str]] = {}
+    for key, value in settings.items():
+        if value != skip:
+            by_value.setdefault(value, []).extend(units[key] if units is not None else [key])
+    out = []
+    for value, layers in sorted(by_value.items()):
+        present = dict(model.named_modules())
+        members = [f for f in layers if f in present]  # layers removed with their group are gone
+        if members:
+            out.append((value, members))
+    return out
 
 
 def _units(layers: list[str], group_by: str) -> dict[str, list[str]]:
@@ -145,9 +220,37 @@ def _score(metrics: dict[str, float], metric: str) -> float:
     return float(metrics[key])
 
 
+def measure(model: nn.Module, x: Any, keys: Sequence[str]) -> dict[str, float]:
+    """FLOPs, latency (ms) and saved-weight bytes of ``model``, those named in ``keys``."""
+    out: dict[str, float] = {}
+    if "flops" in keys:
+        out["flops"] = float(count_flops(model, x))
+    if "latency" in keys:
+        out["latency"] = measured_latency(model.eval(), x)
+    if "size" in keys:
+        out["size"] = float(serialized_size(model))
+    return out
+
+
+def _smaller(choice: dict[str, Any], genes: Mapping[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """Each ratio one step up its choices, each bit width one step down (the repair step)."""
+    out = {}
+    for gene, value in choice.items():
+        options = genes[gene]
+        i = options.index(value)
+        out[gene] = options[max(i - 1, 0)] if gene.endswith(_BITS) else options[min(i + 1, len(options) - 1)]
+    return out
+
+
+def _split(choice: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
+    """(ratio per unit, bit width per unit) of a trial's genes."""
+    ratios = {k: float(v) for k, v in choice.items() if not k.endswith(_BITS)}
+    return ratios, {k[: -len(_BITS)]: int(v) for k, v in choice.items() if k.endswith(_BITS)}
+
+
 @register(AutoCompressConfig)
 def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
-    """Search per-layer ratios on copies of ``model``, then prune ``model`` with the best."""
+    """Search per-layer settings on copies of ``model``, then compress ``model`` with the best."""
     import optuna
 
     if ctx.eval_fn is None:
@@ -157,58 +260,81 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
     if not found:
         raise UnsupportedModuleError(f"{_NAME}: no Conv2d or Linear layer among targets {list(cfg.targets)}")
     units = _units(found, cfg.group_by)
-    layers = list(units)
-    base = count_flops(model, x)
-    budget = cfg.flops_budget * base
-    ratios = tuple(sorted(set(cfg.ratios)))
+    keys = sorted(set(cfg.budget) | {"flops"})
+    base = measure(model, x, keys)
+    genes: dict[str, tuple[Any, ...]] = {u: tuple(sorted(set(cfg.ratios))) for u in units}
+    if cfg.bits:
+        genes.update({u + _BITS: tuple(sorted(cfg.bits)) for u in units})
 
-    def candidate(choice: dict[str, float]) -> tuple[nn.Module, float]:
-        pruned = copy.deepcopy(model)
-        compress_layers(pruned, choice, cfg, ctx, units)
-        return pruned, count_flops(pruned, x)
+    def candidate(choice: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
+        compressed = copy.deepcopy(model)
+        ratios, bits = _split(choice)
+        compress_layers(compressed, ratios, cfg, ctx, units, bits=bits)
+        return compressed, {k: v / base[k] for k, v in measure(compressed, x, keys).items()}
+
+    def fits(shares: dict[str, float]) -> bool:
+        return all(shares[k] <= limit for k, limit in cfg.budget.items())
 
     def objective(trial: Any) -> float:
-        choice = {f: trial.suggest_categorical(f, ratios) for f in layers}
-        pruned, flops = candidate(choice)
-        while flops > budget and any(r < ratios[-1] for r in choice.values()):  # repair: one step up each
-            choice = {f: ratios[min(ratios.index(r) + 1, len(ratios) - 1)] for f, r in choice.items()}
-            pruned, flops = candidate(choice)
-        trial.set_user_attr("flops_share", flops / base)
+        choice = {g: trial.suggest_categorical(g, options) for g, options in genes.items()}
+        compressed, shares = candidate(choice)
+        while not fits(shares) and _smaller(choice, genes) != choice:  # repair: one step smaller each
+            choice = _smaller(choice, genes)
+            compressed, shares = candidate(choice)
+        trial.set_user_attr("shares", shares)
         trial.set_user_attr("choice", choice)
-        if flops > budget:
+        if not fits(shares):
             return -math.inf
-        return _score(dict(ctx.eval_fn(pruned)), cfg.metric)  # type: ignore[misc]
+        return _score(dict(ctx.eval_fn(compressed)), cfg.metric)  # type: ignore[misc]
 
-    genes = {f: ratios for f in layers}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = _study.make_sampler(cfg.strategy, genes, ctx.seed, cfg.trials)
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    for r in ratios:  # the uniform settings first: the search must beat them
-        study.enqueue_trial({f: r for f in layers})
+    study = optuna.create_study(direction="maximize",
+                                sampler=_study.make_sampler(cfg.strategy, genes, ctx.seed, cfg.trials))
+    uniform = _uniform(genes)
+    for pick in uniform:  # the uniform settings first: the search must beat them
+        study.enqueue_trial(pick)
     started = time.perf_counter()
-    study.optimize(objective, n_trials=max(cfg.trials, len(ratios)), catch=(Exception,))
+    study.optimize(objective, n_trials=max(cfg.trials, len(uniform)), catch=(Exception,))
+    return _finish(model, cfg, ctx, study, units, x, base, keys, time.perf_counter() - started)
+
+
+def _uniform(genes: Mapping[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Every setting that gives all units one ratio (and one bit width)."""
+    ratios = next(iter(genes.values()))
+    widths = next((options for g, options in genes.items() if g.endswith(_BITS)), (None,))
+    return [{g: (b if g.endswith(_BITS) else r) for g in genes} for r in ratios for b in widths]
+
+
+def _finish(model: nn.Module, cfg: AutoCompressConfig, ctx: Context, study: Any, units: dict[str, list[str]],
+            x: Any, base: dict[str, float], keys: list[str], seconds: float) -> Outcome:
+    """Compress ``model`` with the best trial's setting; the outcome with the search's statistics."""
     scores = {t.number: float(t.value) for t in study.trials
               if t.value is not None and math.isfinite(t.value)}
     done = [t for t in study.trials if t.number in scores]
     if not done:
-        smallest = min((t.user_attrs.get("flops_share", math.inf) for t in study.trials), default=math.inf)
-        raise ConfigError(f"{_NAME}: no candidate met flops_budget {cfg.flops_budget}; the smallest reached "
-                          f"{smallest:.3f} of the original FLOPs (allow larger ratios or a larger budget)")
+        reached = {k: min((t.user_attrs.get("shares", {}).get(k, math.inf) for t in study.trials),
+                          default=math.inf) for k in cfg.budget}
+        raise ConfigError(f"{_NAME}: no candidate met budget {dict(cfg.budget)}; the smallest reached "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in reached.items())
+                          + " of the original (allow larger ratios, fewer bits or a larger budget)")
     best = max(done, key=lambda t: scores[t.number])
-    uniform = [t for t in done if len(set(t.user_attrs["choice"].values())) == 1]
-    choice = {f: float(r) for f, r in best.user_attrs["choice"].items()}
-    structure = compress_layers(model, choice, cfg, ctx, units)
-    share = count_flops(model, x) / base
-    stats = {"trials": float(len(study.trials)), "feasible": float(len(done)), "flops_share": round(share, 4),
-             "best_score": scores[best.number], "seconds": round(time.perf_counter() - started, 1)}
+    ratios, bits = _split(best.user_attrs["choice"])
+    structure = compress_layers(model, ratios, cfg, ctx, units, bits=bits)
+    shares = {k: v / base[k] for k, v in measure(model, x, keys).items()}
+    stats = {"trials": float(len(study.trials)), "feasible": float(len(done)),
+             "best_score": scores[best.number], **{f"{k}_share": round(v, 4) for k, v in shares.items()},
+             "seconds": round(seconds, 1)}
+    uniform = [t for t in done
+               if all(len(set(part.values())) <= 1 for part in _split(t.user_attrs["choice"]))]
     if uniform:
         stats["best_uniform_score"] = max(scores[t.number] for t in uniform)
-    points = [(float(t.user_attrs["flops_share"]), scores[t.number]) for t in done]
+    first = next(iter(cfg.budget))
+    points = [(float(t.user_attrs["shares"][first]), scores[t.number]) for t in done]
     front = sorted(points[i] for i in _study.pareto_front(points, maximize=[False, True]))
-    logger.info("%s: best %.4f (uniform best %s) at %.3f of the FLOPs after %d trials", _NAME,
-                scores[best.number],
-                stats.get("best_uniform_score"), share, len(study.trials))
-    return Outcome(model=model, touched=tuple(structure), structure=structure, stats=stats,
-                   layers={f: {"ratio": r} for key, r in choice.items() for f in units[key]},
-                   fronts={"FLOPs share of the original|score (Pareto front of the trials)":
-                           [list(p) for p in front]})
+    logger.info("%s: best %.4f (uniform best %s) at %s after %d trials", _NAME, scores[best.number],
+                stats.get("best_uniform_score"), shares, len(study.trials))
+    layers = {f: {"ratio": r, **({"bits": float(bits[key])} if key in bits else {})}
+              for key, r in ratios.items() for f in units[key]}
+    title = f"{first} share of the original|score (Pareto front of the trials)"
+    return Outcome(model=model, touched=tuple(structure), structure=structure, stats=stats, layers=layers,
+                   fronts={title: [list(p) for p in front]})

@@ -34,9 +34,10 @@ from torchslim.core.config import coerce_fields
 from torchslim.errors import ConfigError, DataError, UnsupportedModuleError
 from torchslim.measure.flops import count_flops
 from torchslim.measure.params import count_params
-from torchslim.nas import _study
+from torchslim.nas import _study, supernet
 from torchslim.nas.latency import measured_latency
 from torchslim.nas.spaces import CNNArch, CNNSpace, SearchableCNN, build_cnn
+from torchslim.nas.supernet import CNNSupernet, OneShot
 from torchslim.nas.transformer import TransformerArch, TransformerSpace, model_dims, slice_student
 from torchslim.recipes.schema import TrainSpec
 from torchslim.train import fit
@@ -84,6 +85,12 @@ class NASSearchConfig(MethodConfig):
         study_name: Workers with the same storage and study name join one study.
         latency_budget_ms: The returned model is the most accurate trial at or under this
             latency; the most accurate trial overall when unset.
+        one_shot: Weight sharing instead of training every candidate (CNN space only;
+            ``OneShot`` fields: epochs, sandwich, finetune_epochs, calib_batches, path): one
+            supernet is trained with the sandwich rule and in-place distillation, each trial
+            scores a subnet sliced from it, and the chosen subnet is fine-tuned (with the
+            ``distill`` methods; their teacher is ``ctx.teacher``, else the supernet's largest
+            subnet).
         heartbeat_s: On a server storage (PostgreSQL), seconds between the heartbeats a
             running trial records.
         grace_period_s: On a server storage, seconds without a heartbeat after which a
@@ -101,6 +108,9 @@ class NASSearchConfig(MethodConfig):
           metric: lee_pearson
           lr: 0.0005
           distill: [{method: distillation.logits, loss: cosine, temperature: 1.0, alpha: 1.0}]
+        - method: nas.search          # one-shot: 200 subnets of one supernet, the best fine-tuned
+          trials: 200
+          one_shot: {epochs: 10, sandwich: 2, finetune_epochs: 2}
 
     Notes:
         With a CNN space the model must be a ``torchslim.nas.SearchableCNN``
@@ -113,6 +123,11 @@ class NASSearchConfig(MethodConfig):
         either from structure.json.
         Latency is the best of 20 single-thread calls on ``ctx.example_inputs`` (robust on a
         busy machine).
+        With ``one_shot`` the supernet (the space's largest network) trains once; a trial
+        slices its architecture (first channels, first blocks, centre of each kernel),
+        recomputes its BatchNorm statistics on ``calib_batches`` and scores it without
+        training, so hundreds of trials take minutes. The supernet is saved to
+        ``one_shot.path`` and reused by workers and later runs with the same space.
         Each trial is a fresh network seeded with ``ctx.seed + trial number``. A trial whose
         training or ``eval_fn`` raises is marked failed with the message and the study goes
         on. Several processes with one storage URL share the study; completed trials are
@@ -140,12 +155,15 @@ class NASSearchConfig(MethodConfig):
     storage: str | None = None
     study_name: str = "torchslim-nas"
     latency_budget_ms: float | None = None
+    one_shot: OneShot | None = None
     heartbeat_s: int = 30
     grace_period_s: int = 120
 
     def __post_init__(self) -> None:
         check(isinstance(self.space, CNNSpace | TransformerSpace), f"{_NAME}: space must be a CNNSpace, a "
               f"TransformerSpace or a mapping of their fields, found {type(self.space).__name__}")
+        check(self.one_shot is None or isinstance(self.space, CNNSpace), f"{_NAME}: one_shot trains a "
+              "supernet of a CNN space; a transformer space already slices its students from the model")
         check(bool(self.metric), f"{_NAME}: metric must name a key of eval_fn's result, found ''")
         check(self.lr is None or self.lr > 0, f"{_NAME}: lr must be > 0, found {self.lr}")
         for i, raw in enumerate(self.distill):
@@ -173,13 +191,14 @@ class NASSearchConfig(MethodConfig):
         out = super().to_dict()
         out["space"] = self.space.to_dict()
         out["distill"] = [dict(raw) for raw in self.distill]
+        out["one_shot"] = None if self.one_shot is None else dataclasses.asdict(self.one_shot)
         return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "method") -> NASSearchConfig:
         """Validate plain data; ``space`` is a mapping of ``CNNSpace`` or (``kind: transformer``)
         ``TransformerSpace`` fields."""
-        fields = {k: v for k, v in raw.items() if k not in ("method", "space")}
+        fields = {k: v for k, v in raw.items() if k not in ("method", "space", "one_shot")}
         space = raw.get("space", {})
         if isinstance(space, Mapping):
             kind = space.get("kind", "cnn")
@@ -187,7 +206,8 @@ class NASSearchConfig(MethodConfig):
                 raise ConfigError(f"{where}.space.kind: expected 'cnn' or 'transformer', found {kind!r}")
             space_cls = TransformerSpace if kind == "transformer" else CNNSpace
             space = space_cls.from_mapping(space, f"{where}.space")
-        return cls(space=space, **coerce_fields(cls, fields, where))
+        one_shot = supernet.from_mapping(raw.get("one_shot"), f"{where}.one_shot")
+        return cls(space=space, one_shot=one_shot, **coerce_fields(cls, fields, where))
 
 
 @dataclasses.dataclass
@@ -201,6 +221,7 @@ class SearchResult:
         best: The most accurate row within the latency budget.
         models: Trained models of trials this process ran and kept (the best within budget).
         structures: The structure changes of those models (how ``ts.load`` rebuilds them).
+        supernet: The trained supernet of a one-shot search (None otherwise).
     """
 
     rows: list[dict[str, Any]]
@@ -209,6 +230,7 @@ class SearchResult:
     best: dict[str, Any]
     models: dict[int, nn.Module]
     structures: dict[int, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    supernet: CNNSupernet | None = None
 
 
 Arch = CNNArch | TransformerArch
@@ -226,22 +248,26 @@ def candidate(arch: Arch, cfg: NASSearchConfig, ctx: Context,
 
 
 def evaluate(arch: Arch, cfg: NASSearchConfig, ctx: Context, seed: int, base: nn.Module | None = None,
-             teacher: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             teacher: nn.Module | None = None,
+             shared: tuple[CNNSupernet, list[Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Make ``arch`` seeded with ``seed``, train it, score it and measure its cost.
 
     ``teacher`` distills it (default: a copy of ``base``, else ``ctx.teacher``); training
-    freezes the teacher, so it must not be ``base`` itself. The row's ``structure`` holds the
-    candidate's structure changes (how ``ts.load`` rebuilds it).
+    freezes the teacher, so it must not be ``base`` itself. ``shared`` (a trained supernet
+    and its calibration batches) makes a one-shot trial: ``arch`` is sliced, not trained.
+    The row's ``structure`` holds the candidate's structure changes (how ``ts.load``
+    rebuilds it).
     """
     torch.manual_seed(seed)
-    model, structure = candidate(arch, cfg, ctx, base)
-    if teacher is None:
-        teacher = copy.deepcopy(base) if base is not None and cfg.distill else ctx.teacher
-    methods = [resolve(m)(m) for m in (config_from_dict(raw, f"{_NAME}.distill") for raw in cfg.distill)]
-    fit(model, TrainSpec(epochs=cfg.epochs_per_trial, lr=cfg.lr), methods, ctx, teacher=teacher)
-    for method in methods:
-        model = method.on_end(model, ctx).model
-    model.eval()
+    model: nn.Module
+    structure: dict[str, dict[str, Any]]
+    if shared is not None and isinstance(arch, CNNArch):
+        model, structure = supernet.subnet(shared[0], arch, shared[1], str(ctx.device)), {"body": {}}
+    else:
+        model, structure = candidate(arch, cfg, ctx, base)
+        if teacher is None:
+            teacher = copy.deepcopy(base) if base is not None and cfg.distill else ctx.teacher
+        model = train(model, cfg, ctx, cfg.epochs_per_trial, teacher)
     assert ctx.eval_fn is not None  # checked before the search
     scores = ctx.eval_fn(model)
     if cfg.metric not in scores:
@@ -250,6 +276,16 @@ def evaluate(arch: Arch, cfg: NASSearchConfig, ctx: Context, seed: int, base: nn
     return model, {"arch": arch.to_dict(), "accuracy": float(scores[cfg.metric]),
                    "latency_ms": measured_latency(model, inputs), "flops": count_flops(model, inputs),
                    "params": count_params(model)[0], "structure": structure}
+
+
+def train(model: nn.Module, cfg: NASSearchConfig, ctx: Context, epochs: int,
+          teacher: nn.Module | None) -> nn.Module:
+    """Train ``model`` ``epochs`` epochs with the ``distill`` methods; return it in eval mode."""
+    methods = [resolve(m)(m) for m in (config_from_dict(raw, f"{_NAME}.distill") for raw in cfg.distill)]
+    fit(model, TrainSpec(epochs=epochs, lr=cfg.lr), methods, ctx, teacher=teacher)
+    for method in methods:
+        model = method.on_end(model, ctx).model
+    return model.eval()
 
 
 def _check_ctx(ctx: Context) -> None:
@@ -306,11 +342,16 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
     models: dict[int, nn.Module] = {}
     structures: dict[int, dict[str, dict[str, Any]]] = {}
     kept: list[tuple[float, int]] = []
+    shared = None
+    if cfg.one_shot is not None and _study.spent(study) < cfg.trials:
+        assert isinstance(cfg.space, CNNSpace)  # checked by the config
+        shared = (supernet.load_or_train(cfg.space, cfg.one_shot, ctx, cfg.lr),
+                  supernet.calibration(ctx, cfg.one_shot))
 
     def objective(trial: Any) -> tuple[float, ...]:
         arch = cfg.space.arch({name: trial.suggest_categorical(name, list(c)) for name, c in genes.items()})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        twin = _twin(study, trial)
+        twin = _study.twin(study, trial)
         if twin is not None:  # samplers re-propose architectures: reuse the measured result
             for key, value in twin.user_attrs.items():
                 if key != "worker":
@@ -318,7 +359,8 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
             trial.set_user_attr("duplicate_of", twin.number)
             return tuple(twin.values)
         try:
-            model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number, base=base, teacher=teacher)
+            model, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial.number, base=base, teacher=teacher,
+                                  shared=shared)
             values = tuple(float(row[_study.METRIC[o]]) for o in cfg.objectives)
             if not all(math.isfinite(v) for v in values):
                 raise DataError(f"{_NAME}: trial {trial.number} scored {dict(zip(cfg.objectives, values))}; "
@@ -339,30 +381,14 @@ def search(cfg: NASSearchConfig, ctx: Context, *, timeout: float | None = None,
         return values
 
     def stop(study: Any, trial: Any) -> None:
-        if _spent(study) >= cfg.trials:
+        if _study.spent(study) >= cfg.trials:
             study.stop()
 
-    if _spent(study) < cfg.trials:  # each worker runs at most cfg.trials: lost trials cannot loop forever
+    if _study.spent(study) < cfg.trials:  # each worker runs at most cfg.trials: lost trials cannot loop
         study.optimize(objective, n_trials=cfg.trials, timeout=timeout, catch=(Exception,), callbacks=[stop])
-    return _collect(study, cfg, models, structures)
-
-
-def _twin(study: Any, trial: Any) -> Any:
-    """The first complete trial (not itself a duplicate) with ``trial``'s parameters, if any."""
-    from optuna.trial import TrialState
-
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if other.params == trial.params and "duplicate_of" not in other.user_attrs:
-            return other
-    return None
-
-
-def _spent(study: Any) -> int:
-    """Trials that count towards the budget: complete, or failed with an error (not lost with a worker)."""
-    from optuna.trial import TrialState
-
-    return sum(t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
-               for t in study.get_trials(deepcopy=False))
+    result = _collect(study, cfg, models, structures)
+    result.supernet = shared[0] if shared is not None else None
+    return result
 
 
 def _collect(study: Any, cfg: NASSearchConfig, models: dict[int, nn.Module],
@@ -406,21 +432,8 @@ def study_result(cfg: NASSearchConfig) -> SearchResult:
 
 def write_artifacts(result: SearchResult, folder: Path | None, metric: str = "accuracy") -> None:
     """Write ``nas_trials.md`` (front and all trials) and ``plots/nas_pareto.png`` into ``folder``."""
-    if folder is None:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    text = (f"# nas.search trials\n\n## Pareto front\n\n{_study.table(result.front, metric)}\n\n"
-            "## All complete trials\n\n")
-    (folder / "nas_trials.md").write_text(text + _study.table(result.rows, metric) + "\n")
-    try:
-        png = _study.plot_front(result.rows, result.front, metric=metric)
-    except ImportError:
-        logger.warning("matplotlib is not installed: nas.search writes no Pareto plot")
-        return
-    (folder / "plots").mkdir(exist_ok=True)
-    tmp = folder / "plots" / "nas_pareto.png.tmp"
-    tmp.write_bytes(png)
-    tmp.replace(folder / "plots" / "nas_pareto.png")
+    if folder is not None:
+        _study.write_report(result.rows, result.front, folder, metric)
 
 
 @register(NASSearchConfig)
@@ -447,16 +460,29 @@ def apply(model: nn.Module, cfg: NASSearchConfig, ctx: Context) -> Outcome:
     if best is None or structure is None:  # run by another worker: rebuild it the way the trial did
         kind = CNNArch if isinstance(cfg.space, CNNSpace) else TransformerArch
         arch = kind(**result.best["arch"])
-        best, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial, base=base)
+        shared = None
+        if result.supernet is not None and cfg.one_shot is not None:
+            shared = (result.supernet, supernet.calibration(ctx, cfg.one_shot))
+        best, row = evaluate(arch, cfg, ctx, seed=ctx.seed + trial, base=base, shared=shared)
         structure = row["structure"]
     write_artifacts(result, ctx.workdir, cfg.metric)
+    finetuned = {}
+    if cfg.one_shot is not None and cfg.one_shot.finetune_epochs > 0:
+        teacher = ctx.teacher
+        if teacher is None and cfg.distill and result.supernet is not None:  # in-place distillation goes on
+            teacher = supernet.subnet(result.supernet, result.supernet.largest,
+                                      supernet.calibration(ctx, cfg.one_shot), str(ctx.device))
+        best = train(best, cfg, ctx, cfg.one_shot.finetune_epochs, teacher)
+        assert ctx.eval_fn is not None  # checked before the search
+        finetuned = {"finetuned_accuracy": float(ctx.eval_fn(best)[cfg.metric])}
     if isinstance(best, SearchableCNN):
         model.body = best.body
         best = model
     best.train(was_training)
     stats = {"trials_complete": float(len(result.rows)), "trials_failed": float(len(result.failed)),
              "pareto_points": float(len(result.front)), "best_accuracy": result.best["accuracy"],
-             "best_latency_ms": result.best["latency_ms"], "seconds": time.perf_counter() - started}
+             "best_latency_ms": result.best["latency_ms"], **finetuned,
+             "seconds": time.perf_counter() - started}
     layers = {f"trial_{r['trial']}": {"accuracy": r["accuracy"], "latency_ms": r["latency_ms"],
                                       "flops": float(r["flops"]), "params": float(r["params"])}
               for r in sorted(result.front, key=lambda r: r["latency_ms"])}
