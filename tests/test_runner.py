@@ -62,6 +62,19 @@ def test_the_input_models_mode_is_kept() -> None:
     assert not ts.compress(model, RECIPE, _ctx()).model.training
 
 
+def test_a_user_teacher_teaches_frozen_and_gets_its_flags_back() -> None:
+    torch.manual_seed(0)
+    teacher = MLP().train()
+    teacher.fc1.weight.requires_grad_(False)  # the user's own mix of flags
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    grads = [p.requires_grad for p in teacher.parameters()]
+    ts.compress(MLP(), RECIPE, _ctx(teacher=teacher))
+    assert teacher.training and all(m.training for m in teacher.modules())
+    assert [p.requires_grad for p in teacher.parameters()] == grads
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"the teacher changed while teaching: {key}"
+
+
 def test_apply_runs_one_method() -> None:
     model = MLP()
     result = ts.apply(model, MagnitudePruningConfig(sparsity=0.5), ts.Context())

@@ -19,6 +19,7 @@ from torch import nn
 
 from torchslim.core import Context, Outcome, is_trained, resolve, structure, surgery
 from torchslim.core.config import MethodConfig
+from torchslim.core.hooks import frozen
 from torchslim.core.storage import load_state_dict_into, save_state_dict
 from torchslim.measure.metrics import environment, measure_all
 from torchslim.recipes import Recipe, Stage, load_recipe
@@ -55,15 +56,16 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, ctx: Context, *, res
             record.environment["example_input_shape"] = list(shape)
             record.environment["example_input_dtype"] = str(ctx.example_inputs.dtype).removeprefix("torch.")
         record.metrics.append(MetricsRow("before", measure_all(model, ctx, recipe.measure)))
-    for index, stage in enumerate(recipe.stages):
-        if index < record.completed_stages:
-            continue
-        started = time.perf_counter()
-        model = _run_stage(model, stage, ctx, record, teacher)
-        logger.info("stage %r done in %.1f s", stage.name, time.perf_counter() - started)
-        record.metrics.append(MetricsRow(stage.name, measure_all(model, ctx, recipe.measure)))
-        record.completed_stages = index + 1
-        _save_stage(model, ctx, record)
+    with frozen(teacher):  # the user's teacher gets its own flags back afterwards
+        for index, stage in enumerate(recipe.stages):
+            if index < record.completed_stages:
+                continue
+            started = time.perf_counter()
+            model = _run_stage(model, stage, ctx, record, teacher)
+            logger.info("stage %r done in %.1f s", stage.name, time.perf_counter() - started)
+            record.metrics.append(MetricsRow(stage.name, measure_all(model, ctx, recipe.measure)))
+            record.completed_stages = index + 1
+            _save_stage(model, ctx, record)
     model.train(was_training)
     return Result(model=model, record=record)
 
@@ -81,8 +83,7 @@ def _teacher(model: nn.Module, recipe: Recipe, ctx: Context) -> nn.Module | None
     needs = any(getattr(resolve(c), "needs_teacher", False) for s in recipe.stages for c in s.methods)
     if not needs:
         return None
-    teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
-    return teacher.eval().requires_grad_(False)
+    return ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
 
 
 def _run_stage(model: nn.Module, stage: Stage, ctx: Context, record: RunRecord,

@@ -1,15 +1,16 @@
-"""HookSet: owns forward hooks and removes them all at once."""
+"""HookSet: owns forward hooks and removes them all at once; ``frozen``: a module frozen for a block."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet"]
+__all__ = ["HookSet", "frozen"]
 
 
 class HookSet:
@@ -45,3 +46,23 @@ class HookSet:
         tb: TracebackType | None,
     ) -> None:
         self.remove()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module | None) -> Iterator[nn.Module | None]:
+    """``module`` in eval mode without gradients inside the block; afterwards each submodule's
+    ``training`` flag and each parameter's ``requires_grad`` are what they were (a teacher
+    passed in by the user is not left frozen). ``None`` passes through."""
+    if module is None:
+        yield None
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in grads:
+            p.requires_grad_(flag)

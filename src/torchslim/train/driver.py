@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.core.context import Context, to_device
+from torchslim.core.hooks import frozen
 from torchslim.core.lifecycle import Step, TrainedMethod
 from torchslim.errors import DataError
 from torchslim.recipes.schema import TrainSpec
@@ -127,12 +128,18 @@ def fit(
     Args:
         history: When given, the loss of every step (averaged over processes) is appended.
     """
+    if teacher is not None:  # methods that hook the teacher (features, attention) find it here
+        ctx = dataclasses.replace(ctx, teacher=teacher)
+    with frozen(ctx.teacher):  # frozen while it teaches; the caller's flags come back afterwards
+        return _fit(model, spec, methods, ctx, teacher, checkpoint_dir, history)
+
+
+def _fit(model: nn.Module, spec: TrainSpec, methods: Sequence[TrainedMethod], ctx: Context,
+         teacher: nn.Module | None, checkpoint_dir: Path | None, history: list[float] | None) -> nn.Module:
     was_training = model.training
     device = torch.device(ctx.device)
     distributed.init_from_env(device)
     model.to(device)
-    if teacher is not None:  # methods that hook the teacher (features, attention) find it here
-        ctx = dataclasses.replace(ctx, teacher=teacher)
     if ctx.train_data is None:  # data-free methods make their own
         made = next((d for d in (m.synthesize(ctx) for m in methods) if d is not None), None)
         if made is None:
@@ -244,10 +251,7 @@ def _batch_size(inputs: Any) -> int:
 
 
 def _teacher_fn(teacher: nn.Module | None, device: torch.device) -> Any:
-    if teacher is None:
-        return None
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher
+    return None if teacher is None else teacher.to(device)  # frozen by fit
 
 
 def _progress(show: bool, total: int, done: int) -> Any:
