@@ -144,7 +144,7 @@ def _write(args: argparse.Namespace, ref: dict[str, float], budget: float, stats
         f"{ref['latency_ms']:.3f} | 1.00 |",
         f"| one-shot | {arch['widths']} / {arch['depths']} / {arch['kernels']} | {chosen['val']:.4f} | "
         f"{chosen['val_ft']:.4f} | {chosen['test']:.4f} | {chosen['latency_ms']:.3f} | "
-        f"{chosen['latency_ms'] / ref['latency_ms']:.2f} |", "", END]
+        f"{chosen['latency_ms'] / ref['latency_ms']:.3f} |", "", END]
     write_section(DOC, lines, START, END, "# Neural architecture search (nas.search)", before="<!-- minilm -->")
 
 
