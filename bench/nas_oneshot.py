@@ -24,20 +24,15 @@ from pathlib import Path
 import optuna
 import torch
 from _sections import write_section
-from nas_cnn import DOC, RATIO, SPACE  # bench/ is on sys.path when run as a script
+from nas_cnn import DOC, RATIO, SPACE, _latency  # bench/ is on sys.path when run as a script
 
 import torchslim as ts
 from torchslim.nas import NASSearchConfig, build_cnn
-from torchslim.nas.latency import measured_latency
 from torchslim.nas.supernet import OneShot, load_or_train
 from torchslim.zoo import accuracy, fashion_mnist, pretrained_fashion_cnn
 from torchslim.zoo.data import make_eval_fn
 
 START, END = "<!-- oneshot -->", "<!-- /oneshot -->"
-
-
-def _latency(model: torch.nn.Module, x: torch.Tensor) -> float:
-    return min(measured_latency(model, x, repeats=20) for _ in range(3))
 
 
 def _paired(reference: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor,

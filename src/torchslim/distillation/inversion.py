@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.core import Context, MethodConfig, Step, TrainedMethod, check, register
+from torchslim.core.hooks import frozen
 from torchslim.distillation._outputs import logits_of
 from torchslim.distillation._preview import preview_png
 from torchslim.distillation.losses import soft_target_loss
@@ -152,21 +153,17 @@ def synthesize(teacher: nn.Module, example: torch.Tensor, cfg: InversionConfig,
         raise UnsupportedModuleError(f"{_NAME}: the teacher has no BatchNorm layers with running statistics, "
                                      "which inversion matches; use distillation.datafree (generator: gan "
                                      "or vae), which needs no BatchNorm, or real data")
-    was_training = teacher.training
-    teacher.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        classes = logits_of(teacher(example[:1]), _NAME).shape[-1]
     images, labels = [], []
-    try:
+    with frozen(teacher):  # the caller's modes and requires_grad flags come back afterwards
+        with torch.no_grad():
+            classes = logits_of(teacher(example[:1]), _NAME).shape[-1]
         for start in range(0, cfg.samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.samples - start)
             y = torch.arange(start, start + n) % classes
             images.append(_invert_batch(teacher, (n, *example.shape[1:]), y, cfg, generator))
             labels.append(y)
             logger.info("%s: %d / %d synthetic samples", _NAME, start + n, cfg.samples)
-    finally:
-        teacher.train(was_training)
     return torch.utils.data.TensorDataset(torch.cat(images), torch.cat(labels))
 
 

@@ -166,7 +166,10 @@ def compress_layers(model: nn.Module, ratios: Mapping[str, float], cfg: AutoComp
     """
     structure: dict[str, dict[str, Any]] = {}
     extra = {"importance": cfg.importance} if cfg.importance else {}
-    for ratio, members in _grouped(model, ratios, units, skip=0.0):
+    for ratio, layers in _grouped(ratios, units, skip=0.0):
+        members = _present(model, layers)  # an earlier cut may have removed some with their group
+        if not members:
+            continue
         cut = {"method": cfg.prune_method, "ratio": ratio, "targets": members, "ignore": list(cfg.ignore),
                **extra}
         merge_structure(structure, apply_by_key(model, cut, ctx, _NAME).structure)
@@ -177,27 +180,30 @@ def compress_layers(model: nn.Module, ratios: Mapping[str, float], cfg: AutoComp
         if "bits" not in fields and "targets" not in fields:  # e.g. sharing.huffman: once, for every layer
             merge_structure(structure, apply_by_key(model, raw, ctx, _NAME).structure)
             continue
-        for width, members in _grouped(model, bits, units):
+        for width, layers in _grouped(bits, units):
+            members = _present(model, layers)
+            if not members:
+                continue
             filled = {**raw, **({"bits": width} if "bits" in fields else {}),
                       **({"targets": members} if "targets" in fields else {})}
             merge_structure(structure, apply_by_key(model, filled, ctx, _NAME).structure)
     return structure
 
 
-def _grouped(model: nn.Module, settings: Mapping[str, Any], units: Mapping[str, Sequence[str]] | None,
+def _grouped(settings: Mapping[str, Any], units: Mapping[str, Sequence[str]] | None,
              skip: Any = None) -> list[tuple[Any, list[str]]]:
-    """(setting, the layers with it that the model still has), in ascending order of the setting."""
+    """(setting, the layers with it), in ascending order of the setting; ``skip`` is left out."""
     by_value: dict[Any, list[str]] = {}
     for key, value in settings.items():
         if value != skip:
             by_value.setdefault(value, []).extend(units[key] if units is not None else [key])
-    out = []
-    for value, layers in sorted(by_value.items()):
-        present = dict(model.named_modules())
-        members = [f for f in layers if f in present]  # layers removed with their group are gone
-        if members:
-            out.append((value, members))
-    return out
+    return sorted(by_value.items())
+
+
+def _present(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The ``layers`` the model still has (read when the call is made: cuts remove layers)."""
+    names = dict(model.named_modules())
+    return [f for f in layers if f in names]
 
 
 def _units(layers: list[str], group_by: str) -> dict[str, list[str]]:
