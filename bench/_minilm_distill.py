@@ -38,11 +38,25 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core to other work)")
     parser.add_argument("--augment", action="store_true",
                         help="fresh cropped / word-replaced variants of the sentences every epoch")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="train.precision: bf16 = mixed precision (bfloat16 autocast, float32 weights)")
+    parser.add_argument("--replace", type=float, default=0.1, help="--augment: share of words replaced")
+    parser.add_argument("--splice", type=float, default=0.0,
+                        help="--augment: share of sentences joined with a span of another training sentence")
 
 
 def run_flags(args: argparse.Namespace) -> str:
     """The ``run_arguments`` options of a run as they are typed, for a doc's reproduce line."""
-    return (" --augment" if args.augment else "") + (f" --threads {args.threads}" if args.threads != 2 else "")
+    flags = " --augment" if args.augment else ""
+    flags += f" --replace {args.replace:g}" if args.augment and args.replace != 0.1 else ""
+    flags += f" --splice {args.splice:g}" if args.augment and args.splice else ""
+    flags += " --precision bf16" if args.precision == "bf16" else ""
+    return flags + (f" --threads {args.threads}" if args.threads != 2 else "")
+
+
+def augmentation(args: argparse.Namespace) -> dict[str, float] | None:
+    """The ``Augmented`` settings of a run's ``run_arguments`` (None without ``--augment``)."""
+    return {"replace": args.replace, "splice": args.splice} if args.augment else None
 
 
 def distill_arguments(parser: argparse.ArgumentParser, lr: float) -> None:
@@ -52,9 +66,9 @@ def distill_arguments(parser: argparse.ArgumentParser, lr: float) -> None:
     run_arguments(parser)
 
 
-def trained(info: dict[str, float]) -> str:
+def trained(info: dict[str, Any]) -> str:
     """The training column of a row distilled by ``distill``: time, epochs, lr, augmentation."""
-    augmented = ", augmented" if info["augment"] else ""
+    augmented = (", augmented" if info["augment"] else "") + (", bf16" if info.get("precision") == "bf16" else "")
     return f"{info['minutes']:.1f} min, {int(info['epochs'])} epochs, lr {info['lr']:g}{augmented}"
 
 
@@ -71,41 +85,43 @@ def batches(tok: Any, sentences: list[str], batch_size: int = 32,
     return out
 
 
-def recipe(epochs: int, lr: float, hidden_weight: float) -> Recipe:
+def recipe(epochs: int, lr: float, hidden_weight: float, precision: str = "fp32") -> Recipe:
     methods: tuple[Any, ...] = (LogitDistillationConfig(loss="cosine", alpha=1.0, temperature=1.0),)
     if hidden_weight > 0:
         methods += (FeatureDistillationConfig(mapping="uniform", targets=(LAYERS,), loss="cosine",
                                               weight=hidden_weight),)
-    spec = TrainSpec(epochs=epochs, lr=lr, batch_size=32, optimizer="adamw", weight_decay=0.01)
+    spec = TrainSpec(epochs=epochs, lr=lr, batch_size=32, optimizer="adamw", weight_decay=0.01,
+                     precision="bf16" if precision == "bf16" else "fp32")
     return Recipe(stages=(Stage(name="distill", methods=methods, train=spec),), measure=())
 
 
 def _run(student: nn.Module, teacher: nn.Module, data: Any, example: dict[str, torch.Tensor], epochs: int,
-         lr: float, hidden_weight: float) -> nn.Module:
+         lr: float, hidden_weight: float, precision: str) -> nn.Module:
     ctx = ts.Context(train_data=data, example_inputs=example, teacher=teacher, seed=0, progress=False)
-    return ts.compress(student, recipe(epochs, lr, hidden_weight), ctx).model
+    return ts.compress(student, recipe(epochs, lr, hidden_weight, precision), ctx).model
 
 
 def distill(student: nn.Module, teacher: nn.Module, tok: Any, minutes: float, lr: float,
-            hidden_weight: float = 1.0, augment: bool = False) -> tuple[nn.Module, dict[str, float]]:
+            hidden_weight: float = 1.0,
+            augment: dict[str, float] | None = None, precision: str = "fp32") -> tuple[nn.Module, dict[str, Any]]:
     """``student`` distilled from ``teacher`` on Lee background sentences within ``minutes``.
 
     The epochs are the whole ones that fit in what is left of the budget (``epochs_within``).
-    ``augment`` trains on fresh ``Augmented`` variants of the sentences every epoch instead of
-    the same batches (timed on such variants too: cropped sentences are shorter).
+    ``augment`` (``Augmented`` settings, see ``augmentation``) trains on fresh variants of the
+    sentences every epoch instead of the same batches (timed on such variants too: cropped sentences are shorter).
     """
     started = time.perf_counter()
     sentences = list(minilm.lee_background_sentences())
     data = batches(tok, sentences)
     example = data[0][0]
-    timed = list(Augmented(tok, sentences, seed=1)) if augment else data
+    timed = list(Augmented(tok, sentences, seed=1, **augment)) if augment is not None else data
     epochs = epochs_within(
-        lambda part: _run(copy.deepcopy(student), teacher, part, example, 1, lr, hidden_weight),
+        lambda part: _run(copy.deepcopy(student), teacher, part, example, 1, lr, hidden_weight, precision),
         timed, lambda: minutes * 60 - (time.perf_counter() - started))
-    train = Augmented(tok, sentences) if augment else data
-    model = _run(student, teacher, train, example, epochs, lr, hidden_weight)
+    train = Augmented(tok, sentences, **augment) if augment is not None else data
+    model = _run(student, teacher, train, example, epochs, lr, hidden_weight, precision)
     return model.eval(), {"minutes": (time.perf_counter() - started) / 60, "epochs": float(epochs),
-                          "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment)}
+                          "lr": lr, "hidden_weight": hidden_weight, "augment": float(augment is not None), "precision": precision}
 
 
 def epochs_within(train_on: Callable[[list[Any]], object], timed: list[Any], seconds: Callable[[], float]) -> int:
@@ -146,15 +162,16 @@ class Augmented:
     """Fresh variants of the training sentences on every pass, batched like ``batches``.
 
     Each sentence becomes, with probability ``crop``, a random contiguous span of at least 30% of
-    its words, and then each word is replaced with probability ``replace`` by a random whole word
+    its words; with probability ``splice`` its first half is joined to a span of another training
+    sentence; and then each word is replaced with probability ``replace`` by a random whole word
     of the tokenizer's vocabulary (TinyBERT-style augmentation without a masked-LM). The student
     so meets words in context that the Lee corpus lacks; no evaluation text is read.
     """
 
     def __init__(self, tok: Any, sentences: list[str], batch_size: int = 32, seed: int = 0,
-                 crop: float = 0.5, replace: float = 0.1) -> None:
+                 crop: float = 0.5, replace: float = 0.1, splice: float = 0.0) -> None:
         self.tok, self.sentences, self.batch_size, self.seed = tok, sentences, batch_size, seed
-        self.crop, self.replace, self.passes = crop, replace, 0
+        self.crop, self.replace, self.splice, self.passes = crop, replace, splice, 0
         self.words = sorted(w for w in tok.get_vocab() if w.isalpha() and len(w) >= 3)
 
     def __len__(self) -> int:
@@ -163,10 +180,19 @@ class Augmented:
     def variant(self, sentence: str, rng: random.Random) -> str:
         words = sentence.split()
         if rng.random() < self.crop and len(words) > 4:
-            size = rng.randint(max(4, int(0.3 * len(words))), len(words))
-            start = rng.randint(0, len(words) - size)
-            words = words[start:start + size]
+            words = self._span(words, rng)
+        if rng.random() < self.splice:
+            words = words[:max(1, len(words) // 2)] + self._span(rng.choice(self.sentences).split(), rng)
         return " ".join(rng.choice(self.words) if rng.random() < self.replace else w for w in words)
+
+    @staticmethod
+    def _span(words: list[str], rng: random.Random) -> list[str]:
+        """A random contiguous span of at least 30% of ``words`` (all of a short sentence)."""
+        if len(words) <= 4:
+            return words
+        size = rng.randint(max(4, int(0.3 * len(words))), len(words))
+        start = rng.randint(0, len(words) - size)
+        return words[start:start + size]
 
     def __iter__(self) -> Any:
         rng = random.Random(self.seed * 7919 + self.passes)

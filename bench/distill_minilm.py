@@ -39,7 +39,7 @@ from torchslim.recipes import Recipe, Stage, TrainSpec
 from torchslim.zoo import minilm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _minilm_distill import Augmented, batches, epochs_within, run_arguments  # noqa: E402
+from _minilm_distill import Augmented, augmentation, batches, epochs_within, run_arguments, run_flags  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "distillation-minilm.md"
 STATE = DOC.with_suffix(".json")
@@ -80,11 +80,12 @@ def score(model: nn.Module, tok: Any, reference: dict[str, torch.Tensor], teache
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any, example: dict[str, torch.Tensor], epochs: int,
-            lr: float) -> nn.Module:
+            lr: float, precision: str = "fp32") -> nn.Module:
     methods = (LogitDistillationConfig(loss="cosine", alpha=1.0, temperature=1.0),
                FeatureDistillationConfig(mapping="uniform", targets=(LAYERS,), loss="cosine", weight=1.0),
                AttentionDistillationConfig(weight=1.0))
-    spec = TrainSpec(epochs=epochs, lr=lr, batch_size=32, optimizer="adamw", weight_decay=0.01)
+    spec = TrainSpec(epochs=epochs, lr=lr, batch_size=32, optimizer="adamw", weight_decay=0.01,
+                     precision="bf16" if precision == "bf16" else "fp32")
     recipe = Recipe(stages=(Stage(name="distill", methods=methods, train=spec),), measure=())
     ctx = ts.Context(train_data=data, example_inputs=example, teacher=teacher, seed=0, progress=True)
     return ts.compress(student, recipe, ctx).model
@@ -115,16 +116,23 @@ def main() -> None:
     else:
         data = batches(tok, sentences, 32, 0)
         # time a short pass on what will be trained on (augmented sentences are cropped, shorter)
-        timed = list(Augmented(tok, sentences, seed=1)) if args.augment else data
-        epochs = epochs_within(lambda part: distill(keep_layers(teacher, keep), teacher, part, data[0][0], 1, args.lr),
+        augment = augmentation(args)
+        timed = list(Augmented(tok, sentences, seed=1, **augment)) if augment is not None else data
+        epochs = epochs_within(lambda part: distill(keep_layers(teacher, keep), teacher, part, data[0][0], 1, args.lr,
+                                                           args.precision),
                                timed, lambda: args.minutes * 60)
         started = time.perf_counter()
-        train = Augmented(tok, sentences) if args.augment else data
-        student = distill(student, teacher, train, data[0][0], epochs, args.lr)
+        train = Augmented(tok, sentences, **augment) if augment is not None else data
+        student = distill(student, teacher, train, data[0][0], epochs, args.lr, args.precision)
         minutes = (time.perf_counter() - started) / 60
         suffix = ", augmented" if args.augment else ""
+        suffix += f", replace {args.replace:g}" if args.augment and args.replace != 0.1 else ""
+        suffix += f", splice {args.splice:g}" if args.augment and args.splice else ""
+        suffix += ", bf16" if args.precision == "bf16" else ""
+        suffix += f", {args.threads} thread" if args.threads != 2 else ""
         state[f"{key} distilled{suffix}"] = {**score(student, tok, reference, teacher), "minutes": minutes,
-                                             "epochs": epochs, "lr": args.lr, "augment": args.augment}
+                                             "epochs": epochs, "lr": args.lr, "augment": args.augment,
+                                             "flags": run_flags(args)}
     print(json.dumps(state, indent=1))
     STATE.write_text(json.dumps(state, indent=1))
     DOC.write_text(render(state))

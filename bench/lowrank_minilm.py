@@ -138,7 +138,7 @@ def distilled_section(args: argparse.Namespace) -> None:
     student = outcome.model
     layer_ranks = {f: int(v["rank"]) for f, v in outcome.record.outcomes[0].layers.items() if "rank" in v}
     student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight,
-                               args.augment)
+                               md.augmentation(args), args.precision)
     name = f"lowrank.drone energy {energy:.4f} + distilled"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore),
                   "train": md.trained(info)}

@@ -143,7 +143,6 @@ def len_test(meta: dict[str, Any]) -> str:
 
 def render(s: Setting, state: dict[str, Any]) -> str:
     meta = state["meta"]
-    control = state.get("dense-finetuned")
     before_on = "" if meta.get("before_test") is None else f" (first {meta['before_test']:,} test images)"
     lines = [f"# Channel pruning to half the FLOPs: criteria and schedules ({s.title})", "",
              f"Dense model: test accuracy {meta['dense']:.2f}% (on {len_test(meta)} test images). "
@@ -152,16 +151,19 @@ def render(s: Setting, state: dict[str, Any]) -> str:
              f"the logits layer ignored; fine-tuning on {meta['train']} training images for "
              f"{meta['epochs']} epochs in total (Adam, lr {s.lr:g}, batch {s.batch}, cosine), same data order "
              "everywhere. Iterative: 3 prune -> train rounds compounding to the same width.", "",
-             f"| variant | rounds | FLOPs / dense | accuracy after prune, no training{before_on} | accuracy after fine-tune | "
-             "drop vs dense | drop vs dense fine-tuned | minutes | measured |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in VARIANTS:
-        if name not in state:
-            continue
+             f"| variant | rounds | FLOPs / dense | accuracy after prune, no training{before_on} | epochs | training images | "
+             "accuracy after fine-tune | drop vs dense | drop vs dense fine-tuned (same budget) | minutes | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    extras = [k for k in state if k != "meta" and k not in VARIANTS]
+    for name in [v for v in VARIANTS if v in state] + extras:
         r = state[name]
+        # an extra row ("l1, 3 epochs on 10,000 images") is compared with the control of its own budget
+        budget = name.partition(",")[2]
+        control = state.get("dense-finetuned" + (f",{budget}" if budget else ""))
         before = "-" if r["accuracy_before_finetune"] is None else f"{r['accuracy_before_finetune']:.2f}"
         versus = "-" if control is None else f"{control['accuracy'] - r['accuracy']:+.2f}"
         lines.append(f"| {name} | {r['rounds']} | {r['flops_share']:.3f} | {before} | {r.get('epochs', meta['epochs']):g} "
-                     f"| {r['accuracy']:.2f} | "
+                     f"| {r.get('train', meta['train']):,} | {r['accuracy']:.2f} | "
                      f"{meta['dense'] - r['accuracy']:+.2f} | {versus} | {r['minutes']:.1f} | {r['date']} |")
     lines += ["", *([s.notes, ""] if s.notes else []), "Target (issue 12): drop <= 1 point at 50% of the FLOPs removed.",
               f"Machine: {platform.processor() or platform.machine()}, shared 2 cores (load average "
@@ -180,11 +182,12 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--extra", action="store_true",
                         help="keep the table's settings; store these runs as extra rows named by their epochs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--test", type=int, default=None, help="score on the first N test images (default all)")
     parser.add_argument("--before-test", type=int, default=None,
                         help="score the un-fine-tuned one-shot models on only the first N test images")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     s = SETTINGS[args.model]
     train, test = s.data("train", args.train), s.data("test", args.test)
     state: dict[str, Any] = json.loads(s.state.read_text()) if s.state.is_file() else {}
@@ -192,8 +195,9 @@ def main() -> None:
     known = state.get("meta", {})
     if args.extra:
         for name in args.variants.split(","):
-            key = f"{name}, {args.epochs:g} epochs"
-            state[key] = run(s, name, known["ratio"], args.epochs, train, test, known.get("before_test"))
+            key = f"{name}, {args.epochs:g} epochs" + (f" on {args.train:,} images" if args.train != known["train"] else "")
+            state[key] = {**run(s, name, known["ratio"], args.epochs, train, test, known.get("before_test")),
+                          "train": args.train}
             print(key, state[key], flush=True)
             s.state.write_text(json.dumps(state, indent=1))
         DOC.write_text("\n".join(render(t, json.loads(t.state.read_text()))

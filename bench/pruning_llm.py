@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import resource
 import tempfile
 import threading
@@ -141,13 +142,41 @@ def _layer_sparsity_range(model: nn.Module) -> tuple[float, float]:
     return min(shares), max(shares)
 
 
-def run_recover(s: Setup, steps: int, lr: float) -> dict[str, Any]:
+class ShiftedWindows:
+    """Windows of the calibration tokens at fresh random offsets every pass (same tokens, new cuts).
+
+    The 32 calibration windows are joined back into their token stream; each pass yields as many
+    windows of the same length, each starting at a seeded random offset inside that stream, so
+    no token outside the calibration range is read.
+    """
+
+    def __init__(self, windows: list[torch.Tensor], seed: int = 0) -> None:
+        self.stream = torch.cat([w.flatten() for w in windows])
+        self.count, self.length, self.seed, self.passes = len(windows), windows[0].numel(), seed, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Any:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.passes)
+        self.passes += 1
+        starts = torch.randint(0, self.stream.numel() - self.length + 1, (self.count,), generator=gen)
+        return iter([self.stream[int(i):int(i) + self.length].view(1, -1) for i in starts])
+
+
+def run_recover(s: Setup, steps: int, lr: float, freeze: str = "", shift: bool = False,
+                precision: str = "fp32") -> dict[str, Any]:
     """SparseGPT 50% and a logit-distillation stage from the dense model, masks held, KL loss only."""
     s.model.load_state_dict(torch.load(s.dense_file, mmap=True, weights_only=True))
+    s.model.requires_grad_(True)
+    for name, p in s.model.named_parameters():
+        if freeze and re.search(freeze, name):
+            p.requires_grad_(False)
     stage = Stage(name="recover", methods=(SparseGPTPruningConfig(sparsity=0.5),
                                            LogitDistillationConfig(temperature=1.0, alpha=1.0)),
-                  train=TrainSpec(steps=steps, lr=lr, batch_size=1))
-    ctx = ts.Context(calib_data=s.calib, train_data=s.calib, progress=False)
+                  train=TrainSpec(steps=steps, lr=lr, batch_size=1, precision="bf16" if precision == "bf16" else "fp32"))
+    train = ShiftedWindows(s.calib) if shift else s.calib
+    ctx = ts.Context(calib_data=s.calib, train_data=train, progress=False)
     with PeakRSS() as peak:
         result = ts.compress(s.model, Recipe(stages=(stage,), measure=()), ctx)
     seconds = {o.method: o.seconds for o in result.record.outcomes}
@@ -155,7 +184,8 @@ def run_recover(s: Setup, steps: int, lr: float) -> dict[str, Any]:
     low, high = _layer_sparsity_range(model)
     row: dict[str, Any] = {"run": RECOVER, "method": "pruning.sparsegpt + distillation.logits",
                            "oneshot_s": seconds["pruning.sparsegpt"], "train_s": seconds["distillation.logits"],
-                           "steps": steps, "lr": lr, "threads": torch.get_num_threads(), "peak_rss_mb": peak.peak_mb,
+                           "steps": steps, "lr": lr, "freeze": freeze, "shift": shift, "precision": precision,
+                           "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "threads": torch.get_num_threads(), "peak_rss_mb": peak.peak_mb,
                            "sparsity": _decoder_sparsity(model), "layer_sparsity_min": low, "layer_sparsity_max": high}
     return _scored(row, model, s)
 
@@ -316,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--recover-steps", type=int, default=0, help=f"training steps of the {RECOVER} run")
     parser.add_argument("--recover-lr", type=float, default=3e-5, help=f"peak lr of the {RECOVER} run")
+    parser.add_argument("--recover-freeze", default="", help="regex of parameter names not trained in recovery")
+    parser.add_argument("--recover-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="train.precision of the recovery (bf16: mixed precision)")
+    parser.add_argument("--recover-shift", action="store_true",
+                        help="recovery windows cut at fresh random offsets of the calibration tokens")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -332,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
             meta = {"load_s": s.load_s, "eval_windows": args.eval_windows}
         for name in todo:
             assert s is not None
-            rows[name] = (run_recover(s, args.recover_steps, args.recover_lr) if name == RECOVER
+            rows[name] = (run_recover(s, args.recover_steps, args.recover_lr, args.recover_freeze,
+                                                args.recover_shift, args.recover_precision) if name == RECOVER
                           else run_one(name, RUNS[name], s))
             if args.results:
                 args.results.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))

@@ -72,7 +72,7 @@ def main() -> None:
     rows[name] = {**md.score(student, original, tok, reference, not args.explore), "params": params(student), "train": "-"}
     print(name, rows[name], flush=True)
     student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight,
-                               args.augment)
+                               md.augmentation(args), args.precision)
     rows[name + " + distilled"] = {
         **md.score(student, original, tok, reference, not args.explore), "params": params(student),
         "train": md.trained(info)}

@@ -47,6 +47,7 @@ def test_builtin_recipes_load_and_round_trip() -> None:
         (("sparsity: 0.5}", "sparsity: 0.5, sparsty: 1}"), r"stages\[0\]\.methods\[0\].*'sparsty'.*did you mean 'sparsity'"),
         (("sparsity: 0.6", "sparsity: 2.0"), r"stages\[1\]\.methods\[0\].*sparsity must be in \[0, 1\)"),
         (("lr: 1.0e-3", "lr: fast"), r"stages\[0\]\.train\.lr: expected float or null, found str 'fast'"),
+        (("lr: 1.0e-3", "lr: 1.0e-3, precision: fp16"), r"stages\[0\]\.train\.precision: .*'fp16'"),
         (("pruning.magnitude, sparsity: 0.6", "pruning.magnitudes, sparsity: 0.6"), r"stages\[1\]\.methods\[0\]: unknown method 'pruning.magnitudes'"),
         (("export: [checkpoint]", "export: [onx]"), r"export\[0\]: unknown entry 'onx'.*did you mean 'onnx'"),
         (("version: 1", "version: 3"), r"version: this torchslim reads version 1"),

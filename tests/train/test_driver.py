@@ -138,3 +138,21 @@ def test_peak_lr_is_the_train_blocks_else_the_methods_default(
     fit(MLP(), spec, methods, Context(train_data=_data(32)))
     for method in methods:  # first step: no warm-up left (1 step) and momentum has nothing to add
         torch.testing.assert_close(method.shift.detach(), torch.full((3,), -expected))
+
+
+def test_bf16_precision_runs_forwards_in_bfloat16_and_keeps_float32_weights() -> None:
+    torch.manual_seed(0)
+    data, teacher = _data(), MLP()
+    fit(teacher, TrainSpec(epochs=15, lr=1e-2, batch_size=32), [], Context(train_data=data))
+    seen: dict[str, set[torch.dtype]] = {"student": set(), "teacher": set()}
+    student = MLP()
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.fc1.register_forward_hook(lambda m, a, out, name=name: seen[name].add(out.dtype))
+    spec = TrainSpec(epochs=15, lr=1e-2, batch_size=32, precision="bf16")
+    fit(student, spec, [LogitDistillation(LogitDistillationConfig(alpha=0.5, temperature=2.0))],
+        Context(train_data=data), teacher=teacher)
+    assert seen == {"student": {torch.bfloat16}, "teacher": {torch.bfloat16}}
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert _accuracy(student, data) > 0.8  # it learns as the fp32 run of test_fit_learns_a_simple_rule does
+    with torch.no_grad():  # and after training the model runs in float32 again
+        assert student(data.tensors[0][:4]).dtype == torch.float32

@@ -27,6 +27,10 @@ class TrainSpec:
         weight_decay: L2 penalty / decoupled weight decay.
         schedule: Learning-rate schedule: ``cosine`` decay to zero or ``constant``.
         grad_clip: Clip the gradient norm to this value when set.
+        precision: ``fp32``, or ``bf16``: forward passes (the model's, the teacher's) and
+            losses run under bfloat16 autocast while the weights, gradients and optimizer
+            state stay float32 (mixed precision; about 2-3x faster matrix products on CPUs
+            with AVX-512 BF16 or AMX, and on recent GPUs).
     """
 
     name: ClassVar[str] = "train"
@@ -38,6 +42,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

@@ -191,12 +191,14 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
         if step >= run.total:
             break
         inputs, targets = _split(to_device(batch, device))
-        outputs = run.forward(inputs)
-        st = Step(step, inputs, targets, outputs, run.model, run.teacher_fn, total=run.total)
-        loss = loss_fn(outputs, targets) * weight if weight else outputs_zero(outputs)
-        for m in run.methods:
-            term = m.extra_loss(st)
-            loss = loss + term if term is not None else loss
+        with _autocast(run.spec, device):  # the backward pass runs outside, as autocast wants
+            outputs = run.forward(inputs)
+            st = Step(step, inputs, targets, outputs, run.model, run.teacher_fn, total=run.total)
+            loss = loss_fn(outputs, targets) * weight if weight else outputs_zero(outputs)
+            for m in run.methods:
+                term = m.extra_loss(st)
+                loss = loss + term if term is not None else loss
+        loss = loss.float()
         if not torch.isfinite(loss):
             raise DataError(f"training loss became {loss.item()} at step {step}; lower the lr")
         run.optimizer.zero_grad(set_to_none=True)
@@ -217,6 +219,11 @@ def _run_epoch(run: _Run, epoch: int, step: int) -> int:
             run.bar.update(1)
     logger.info("epoch %d: mean loss %.4f over %d steps", epoch + 1, loss_sum / max(batches, 1), batches)
     return step
+
+
+def _autocast(spec: TrainSpec, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast for ``precision: bf16`` (weights stay float32), else a disabled one."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
 
 
 def _backward(run: _Run, loss: torch.Tensor, local: int) -> torch.Tensor:
