@@ -136,12 +136,15 @@ def distilled_section(args: argparse.Namespace) -> None:
         rows[name] = {**md.score(outcome.model.eval(), original, tok, reference, not args.explore), "train": "-"}
         print(name, rows[name], flush=True)
     student = outcome.model
+    untrained = copy.deepcopy(student)
     layer_ranks = {f: int(v["rank"]) for f, v in outcome.record.outcomes[0].layers.items() if "rank" in v}
     student, info = md.distill(student, original, tok, args.distill_minutes, args.lr, args.hidden_weight,
                                md.augmentation(args), args.precision)
     name = f"lowrank.drone energy {energy:.4f} + distilled"
     rows[name] = {**md.score(student, original, tok, reference, not args.explore),
                   "train": md.trained(info)}
+    if not args.explore:  # the same structure untrained, timed again now: tells drift from change
+        rows[name]["speedup_untrained_now"] = minilm.encode_speedup(original, untrained, tok)
     print(name, rows[name], flush=True)
     if not (args.dry or args.explore):
         write_section(distilled_lines(args, rows, energy, layer_ranks), DSTART, DEND)

@@ -99,6 +99,54 @@ def test_a_sliced_student_has_the_picked_sizes_and_the_full_pick_is_the_model() 
     torch.testing.assert_close(whole(**batch), model(**batch), rtol=0, atol=0)
 
 
+def test_a_narrower_hidden_size_slices_the_residual_stream() -> None:
+    model = tiny_encoder()
+    ctx = _ctx(model, None)
+    space = TransformerSpace(layers=(2,), heads=(4,), ffn=(64,), hidden=(24, 32))
+    arch = space.arch({"layers": 2, "heads": 4, "ffn": 64, "hidden": 24})
+    student, structure = slice_student(model, arch, space, ctx)
+    emb = student.bert.embeddings
+    assert emb.word_embeddings.embedding_dim == 24 and emb.LayerNorm.normalized_shape == (24,)
+    for layer in student.bert.encoder.layer:
+        assert layer.attention.self.query.in_features == 24 and layer.intermediate.dense.in_features == 24
+        assert layer.attention.self.query.out_features == 32  # heads keep the model's head size
+        assert layer.attention.output.dense.out_features == 24 and layer.output.dense.out_features == 24
+        assert layer.output.LayerNorm.normalized_shape == (24,)
+    batch = _batch(3)
+    assert student(**batch).shape == (8, 24) and model_dims(student).hidden == 24
+    kept = [i for i in range(32) if any(torch.equal(emb.word_embeddings.weight[:, j],
+                                                    model.bert.embeddings.word_embeddings.weight[:, i])
+                                        for j in range(24))]
+    assert len(kept) == 24  # a subset of the model's channels, not new ones
+    assert space.genes()["hidden"] == (24, 32) and "hidden" not in SPACE.genes()
+    table = TransformerLatencyTable(model_dims(model), batch_size=2, seq_len=8, repeats=1)
+    assert table.operators(arch) == [("attention", 4, 24), ("ffn", 64, 24)] * 2
+
+
+def test_a_search_over_hidden_sizes_distills_through_projections_and_reloads_bit_exact(tmp_path: Path) -> None:
+    model = tiny_encoder()
+    held = _batch(100)
+
+    def agreement(m: nn.Module) -> dict[str, float]:  # pairwise similarities: any width compares
+        with torch.no_grad():
+            a, b = m(**held), model(**held)
+        return {"fidelity": float(torch.corrcoef(torch.stack([(a @ a.T).flatten(), (b @ b.T).flatten()]))[0, 1])}
+
+    ctx = dataclasses.replace(_ctx(model, tmp_path / "work"), eval_fn=agreement)
+    features = {"method": "distillation.features", "mapping": "uniform", "loss": "mse",
+                "targets": [r"re:bert\.encoder\.layer\.\d+"]}
+    cfg = _cfg(space={"kind": "transformer", "layers": [2], "heads": [4], "ffn": [64], "hidden": [24]},
+               trials=1, distill=[features])
+    result = ts.apply(model, cfg, ctx)
+    stats = result.record.outcomes[0].stats
+    assert stats["trials_complete"] == 1 and stats["trials_failed"] == 0
+    assert result.model.bert.embeddings.word_embeddings.embedding_dim == 24
+    save(result, tmp_path / "out")
+    reloaded = load(tmp_path / "out", build=tiny_encoder)
+    batch = _batch(7)
+    torch.testing.assert_close(reloaded(**batch), result.model(**batch), rtol=0, atol=0)
+
+
 def test_search_distills_students_and_the_chosen_one_reloads_bit_exact(tmp_path: Path) -> None:
     model = tiny_encoder()
     ctx = _ctx(model, tmp_path / "work")
@@ -130,7 +178,7 @@ def test_distillation_moves_a_student_towards_its_teacher() -> None:
 def test_transformer_latency_table_sums_per_layer_operators() -> None:
     table = TransformerLatencyTable(model_dims(tiny_encoder()), batch_size=2, seq_len=8, repeats=2)
     small, large = TransformerArch(layers=1, heads=2, ffn=32), TransformerArch(layers=3, heads=2, ffn=32)
-    assert table.operators(large) == [("attention", 2), ("ffn", 32)] * 3
+    assert table.operators(large) == [("attention", 2, 32), ("ffn", 32, 32)] * 3  # at the model's hidden size
     assert table.raw(large) == pytest.approx(3 * table.raw(small))  # each operator is timed once
     assert len(table.table) == 2
     table.fit([small, large], [2 * table.raw(small) + 1, 2 * table.raw(large) + 1])
@@ -142,6 +190,11 @@ def test_bad_transformer_spaces_are_refused_with_where_and_what(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"space\.heads: \[8\] exceed the model's 4 heads"):
         search(_cfg(space={"kind": "transformer", "layers": [1], "heads": [2, 8], "ffn": [32]}), _ctx(model, None),
                base=model)
+    with pytest.raises(ConfigError, match=r"space\.hidden: \[48\] exceed the model's 32 hidden"):
+        search(_cfg(space={"kind": "transformer", "layers": [1], "heads": [2], "ffn": [32], "hidden": [16, 48]}),
+               _ctx(model, None), base=model)
+    with pytest.raises(ConfigError, match=r"space\.hidden: expected distinct choices"):
+        _cfg(space={"kind": "transformer", "layers": [1], "heads": [2], "ffn": [32], "hidden": [16, 16]})
     with pytest.raises(ConfigError, match="space.layers: expected at least one choice"):
         _cfg(space={"kind": "transformer", "layers": [], "heads": [2], "ffn": [32]})
     with pytest.raises(ConfigError, match="space.kind: expected 'cnn' or 'transformer', found 'rnn'"):
@@ -174,7 +227,8 @@ def test_a_re_proposed_student_is_not_trained_again() -> None:
 
 def test_assess_reports_rank_agreement_and_the_error_after_the_fit() -> None:
     table = TransformerLatencyTable(model_dims(tiny_encoder()), batch_size=2, seq_len=8, repeats=1)
-    table.table = {("attention", 2): 1.0, ("attention", 4): 1.5, ("ffn", 32): 0.5, ("ffn", 64): 0.8}  # as timed
+    table.table = {("attention", 2, 32): 1.0, ("attention", 4, 32): 1.5, ("ffn", 32, 32): 0.5,
+                   ("ffn", 64, 32): 0.8}  # as timed
     archs = [TransformerArch(layers=n, heads=h, ffn=f) for n in (1, 2, 3) for h in (2, 4) for f in (32, 64)]
     measured = [3 * table.raw(a) + 2 for a in archs]  # a machine 3x slower plus a fixed cost
     scores = assess(table, archs, measured, fit_on=4)

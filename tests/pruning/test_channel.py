@@ -291,3 +291,54 @@ def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first()
         assert layer.output.dense.weight.shape == (32, 48)
         assert layer.attention.self.query.weight.shape == (32, 32)  # attention untouched
     torch.testing.assert_close(out.model(batch), reference, rtol=1e-5, atol=1e-5)
+
+
+def _tied_llama() -> nn.Module:
+    """A random 2-layer LlamaForCausalLM whose lm_head is its embedding table (as SmolLM2's)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model: nn.Module = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+def test_a_llamas_hidden_size_shrinks_and_its_tied_head_follows(tmp_path: Path) -> None:
+    model = _tied_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (2, 10))
+    targets = ("type:Embedding", r"re:.*(o_proj|down_proj)$")  # every layer writing to the residual stream
+    untouched = ts.apply(copy.deepcopy(model), ChannelPruningConfig(ratio=0.25, targets=targets), _ctx(ids)).model
+    assert untouched.model.embed_tokens.embedding_dim == 64, "lm_head shares the table: it must be a target too"
+    result = ts.apply(model, ChannelPruningConfig(ratio=0.25, targets=(*targets, "lm_head")), _ctx(ids))
+    pruned = result.model
+    embed = pruned.model.embed_tokens
+    assert embed.weight.shape == (128, 48) and pruned.lm_head.weight is embed.weight
+    layer = pruned.model.layers[0]
+    assert layer.self_attn.q_proj.in_features == layer.mlp.up_proj.in_features == 48
+    assert layer.self_attn.o_proj.out_features == layer.mlp.down_proj.out_features == 48
+    assert layer.input_layernorm.weight.shape == pruned.model.norm.weight.shape == (48,)
+    assert layer.self_attn.q_proj.out_features == 64, "heads keep their size"
+    logits = pruned(input_ids=ids).logits
+    assert logits.shape == (2, 10, 128) and torch.isfinite(logits).all()  # the vocabulary is the output
+    ts.save(result, tmp_path / "run")
+    reloaded = ts.load(tmp_path / "run", build=_tied_llama)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0, atol=0)
+
+
+def test_outputs_prune_lets_an_encoders_output_width_go() -> None:
+    transformers = pytest.importorskip("transformers")
+    from torchslim.zoo.minilm import MiniLMEncoder
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = MiniLMEncoder(transformers.BertModel(config)).eval()
+    batch = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    targets = ("type:Embedding", r"re:.*\.output\.dense$")
+    kept = ts.apply(copy.deepcopy(model), ChannelPruningConfig(ratio=0.25, targets=targets), _ctx(batch)).model
+    assert kept.bert.embeddings.word_embeddings.embedding_dim == 32, "the sentence embedding keeps its width"
+    cut = ts.apply(model, ChannelPruningConfig(ratio=0.25, targets=targets, outputs="prune"), _ctx(batch)).model
+    assert cut.bert.embeddings.word_embeddings.embedding_dim == 24 and cut(batch).shape == (2, 24)

@@ -178,9 +178,9 @@ class TransformerLatencyTable(_OpTable):
     """Per-operator latency lookup table of the Transformer space (students of one model).
 
     Each layer of a student is an attention sublayer with its heads (of the model's head
-    size) and an FFN of its width; both are timed once per distinct shape at the model's
+    size) and an FFN of its width; both are timed once per distinct shape at the student's
     hidden size, on ``batch_size`` sequences of ``seq_len`` tokens. Embeddings and pooling
-    are the same for every student and go into the fitted offset.
+    go into the fitted offset.
 
     Args:
         dims: The model's sizes (``torchslim.nas.transformer.model_dims``).
@@ -197,11 +197,12 @@ class TransformerLatencyTable(_OpTable):
         self.dims, self.batch_size, self.seq_len = dims, batch_size, seq_len
 
     def operators(self, arch: TransformerArch) -> list[Op]:
-        """``("attention", heads)`` and ``("ffn", width)`` once per layer of ``arch``."""
-        return [("attention", arch.heads), ("ffn", arch.ffn)] * arch.layers
+        """``("attention", heads, hidden)`` and ``("ffn", width, hidden)`` once per layer of ``arch``."""
+        hidden = self.dims.hidden if arch.hidden is None else arch.hidden
+        return [("attention", arch.heads, hidden), ("ffn", arch.ffn, hidden)] * arch.layers
 
     def _operator(self, op: Op) -> tuple[nn.Module, torch.Tensor]:
-        hidden = self.dims.hidden
+        hidden = int(op[2])
         attention = op[0] == "attention"
         module = _Attention(hidden, op[1], self.dims.head_dim) if attention else _ffn(hidden, op[1])
         return module, torch.randn(self.batch_size, self.seq_len, hidden)

@@ -64,7 +64,8 @@ class NASSearchConfig(MethodConfig):
         space: The search space. ``kind: cnn`` (the default; ``CNNSpace`` fields:
             base_widths, width_mults, depths, kernels, in_channels, num_classes, image_size) or
             ``kind: transformer`` (``TransformerSpace`` fields: layers, heads, ffn,
-            ffn_targets, head_importance): students sliced from the model.
+            ffn_targets, head_importance, hidden, hidden_targets): students sliced from
+            the model.
         strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``nsga2``
             (Optuna's samplers).
         trials: Finished trials the study stops at, over all workers: complete ones and
@@ -108,6 +109,11 @@ class NASSearchConfig(MethodConfig):
           metric: lee_pearson
           lr: 0.0005
           distill: [{method: distillation.logits, loss: cosine, temperature: 1.0, alpha: 1.0}]
+        - method: nas.search          # hidden sizes too: narrower outputs, so hints with projections
+          space: {kind: transformer, layers: [3, 6], heads: [6, 12], ffn: [768, 1536], hidden: [256, 384]}
+          metric: lee_pearson
+          distill:
+            - {method: distillation.features, mapping: uniform, targets: ['re:bert\\.encoder\\.layer\\.\\d+']}
         - method: nas.search          # one-shot: 200 subnets of one supernet, the best fine-tuned
           trials: 200
           one_shot: {epochs: 10, sandwich: 2, finetune_epochs: 2}
@@ -118,7 +124,8 @@ class NASSearchConfig(MethodConfig):
         ``epochs_per_trial`` (continue with a train stage or ``distillation.logits``). With a
         Transformer space the model (any module with a Hugging Face-style config) becomes the
         chosen student: sliced by ``pruning.layers``, ``pruning.heads`` and ``pruning.channel``
-        (by key, see ``torchslim.nas.transformer``), then trained with ``distill``; it needs
+        (by key, see ``torchslim.nas.transformer``; a ``hidden`` size narrows the residual
+        stream and so the model's output), then trained with ``distill``; it needs
         ``ctx.calib_data`` (Block Influence) and ``ctx.train_data``. ``ts.load`` rebuilds
         either from structure.json.
         Latency is the best of 20 single-thread calls on ``ctx.example_inputs`` (robust on a

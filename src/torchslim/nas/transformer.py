@@ -8,7 +8,10 @@ methods, applied by key (never imported):
   picks which);
 - ``pruning.heads`` keeps ``heads`` heads in every attention layer (``head_importance``);
 - ``pruning.channel`` keeps ``ffn`` channels of every FFN (``ffn_targets``: the FFN's first
-  projection; the second projection loses the matching inputs).
+  projection; the second projection loses the matching inputs);
+- ``pruning.channel`` with ``outputs: prune`` keeps ``hidden`` channels of the residual stream
+  (``hidden_targets``: every layer writing to it, i.e. the embedding tables and each residual
+  branch's output projection; the norms, every reader and the model's output follow).
 
 The model's sizes come from its Hugging Face config (``num_hidden_layers``,
 ``num_attention_heads``, ``intermediate_size``, ``hidden_size``), found on the model or any
@@ -68,11 +71,12 @@ def model_dims(model: nn.Module) -> ModelDims:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerArch:
-    """One student: layers kept, heads per layer, FFN width."""
+    """One student: layers kept, heads per layer, FFN width, hidden size (None: the model's)."""
 
     layers: int
     heads: int
     ffn: int
+    hidden: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``TransformerArch(**arch.to_dict())`` rebuilds it."""
@@ -92,6 +96,15 @@ class TransformerSpace(GeneSpace):
             ``["re:.*mlp\\.up_proj$"]`` (the gate follows).
         head_importance: How ``pruning.heads`` ranks heads: ``l1``, ``taylor`` or ``output``
             (the last two read calibration data).
+        hidden: Hidden sizes (residual stream width) a student may have; empty: the model's.
+            A narrower student's sentence embedding or last hidden state is narrower too, so
+            distil it with ``distillation.features`` (learned projections), not a loss that
+            compares outputs of equal width.
+        hidden_targets: Selectors of every layer writing to the residual stream; the
+            default fits BERT (embedding tables, ``attention.output.dense``,
+            ``output.dense``). Llama-style models: ``["type:Embedding",
+            "re:.*(o_proj|down_proj)$", "lm_head"]`` (a head tied to the embedding table
+            shares its tensor, so it must be listed too).
     """
 
     kind: Literal["transformer"] = "transformer"
@@ -100,27 +113,36 @@ class TransformerSpace(GeneSpace):
     ffn: tuple[int, ...] = (384, 768, 1536)
     ffn_targets: tuple[str, ...] = (r"re:.*\.intermediate\.dense$",)
     head_importance: Literal["l1", "taylor", "output"] = "l1"
+    hidden: tuple[int, ...] = ()
+    hidden_targets: tuple[str, ...] = ("type:Embedding", r"re:.*\.output\.dense$")
 
     def __post_init__(self) -> None:
         self._check_choices("layers", "heads", "ffn")
-        for field in ("layers", "heads", "ffn"):
+        check(len(set(self.hidden)) == len(self.hidden),
+              f"{_WHERE}.hidden: expected distinct choices, found {list(self.hidden)}")
+        for field in ("layers", "heads", "ffn", "hidden"):
             values = getattr(self, field)
             check(all(v >= 1 for v in values),
                   f"{_WHERE}.{field}: expected choices >= 1, found {list(values)}")
         check(len(self.ffn_targets) > 0, f"{_WHERE}.ffn_targets: expected at least one selector, found none")
+        check(not self.hidden or len(self.hidden_targets) > 0,
+              f"{_WHERE}.hidden_targets: expected at least one selector with hidden choices, found none")
 
     def genes(self) -> dict[str, tuple[Any, ...]]:
-        """Parameter name -> choices: ``layers``, ``heads``, ``ffn``."""
-        return {"layers": self.layers, "heads": self.heads, "ffn": self.ffn}
+        """Parameter name -> choices: ``layers``, ``heads``, ``ffn`` and, when listed, ``hidden``."""
+        genes: dict[str, tuple[Any, ...]] = {"layers": self.layers, "heads": self.heads, "ffn": self.ffn}
+        return {**genes, "hidden": self.hidden} if self.hidden else genes
 
     def arch(self, params: Mapping[str, Any]) -> TransformerArch:
         """The student of one pick of every gene."""
+        hidden = params.get("hidden")
         return TransformerArch(layers=int(params["layers"]), heads=int(params["heads"]),
-                               ffn=int(params["ffn"]))
+                               ffn=int(params["ffn"]), hidden=None if hidden is None else int(hidden))
 
     def check_model(self, dims: ModelDims) -> None:
         """Raise ConfigError when a choice exceeds what the model has (a student is a slice of it)."""
-        for field, have in (("layers", dims.layers), ("heads", dims.heads), ("ffn", dims.ffn)):
+        sizes = (("layers", dims.layers), ("heads", dims.heads), ("ffn", dims.ffn), ("hidden", dims.hidden))
+        for field, have in sizes:
             too_large = [v for v in getattr(self, field) if v > have]
             if too_large:
                 raise ConfigError(f"{_WHERE}.{field}: {too_large} exceed the model's {have} {field} "
@@ -141,9 +163,17 @@ def slice_student(model: nn.Module, arch: TransformerArch, space: TransformerSpa
     if arch.ffn < dims.ffn:
         steps.append({"method": "pruning.channel", "ratio": (dims.ffn - arch.ffn) / dims.ffn,
                       "targets": list(space.ffn_targets), "importance": "l2"})
+    if arch.hidden is not None and arch.hidden < dims.hidden:
+        steps.append({"method": "pruning.channel", "ratio": (dims.hidden - arch.hidden) / dims.hidden,
+                      "targets": list(space.hidden_targets), "importance": "l2", "outputs": "prune"})
     structure: dict[str, dict[str, Any]] = {}
     for raw in steps:
         outcome = apply_by_key(student, raw, ctx, "nas.search")
         student = outcome.model
         merge_structure(structure, outcome.structure)
+    if arch.hidden is not None and arch.hidden < dims.hidden:  # model_dims of the student reads it
+        for module in student.modules():
+            config = getattr(module, "config", None)
+            if config is not None and getattr(config, "hidden_size", None) == dims.hidden:
+                config.hidden_size = arch.hidden
     return student, structure

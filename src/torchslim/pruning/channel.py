@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -44,19 +44,30 @@ class ChannelPruningConfig(MethodConfig):
         round_to: Keep a multiple of this many channels in each group (e.g. 8 for fast kernels).
         min_channels: Never keep fewer channels than this in a group.
         calib_batches: Calibration batches read by ``taylor``, ``entropy`` and ``apoz``.
+        outputs: ``keep``: the model's outputs keep their size. ``prune``: their channels
+            may go too, e.g. a Transformer's hidden size: with ``targets`` naming every
+            layer that writes to the residual stream (the embedding tables and each residual
+            branch's output projection), the stream, its norms, every layer reading it and
+            the sentence embedding or last hidden state become narrower.
 
     Recipe:
         - method: pruning.channel
           ratio: 0.5
           importance: l2
           ignore: ["re:.*attn.*"]
+        - method: pruning.channel     # a BERT encoder's hidden size, 384 -> 288
+          ratio: 0.25
+          targets: [type:Embedding, 're:.*\\.output\\.dense$']
+          outputs: prune
 
     Notes:
         The model is traced once on ``ctx.example_inputs``. Channels joined by a residual add,
         a concatenation, a depthwise or grouped convolution, a norm layer or a tied weight are
         removed together; a grouped convolution loses whole groups. Channels feeding an
-        operation the tracer cannot follow, the model's outputs, and ``nn.MultiheadAttention``
-        (see ``pruning.heads``) keep their size. The cut model is run once and compared with
+        operation the tracer cannot follow, the model's outputs (unless ``outputs: prune``),
+        and ``nn.MultiheadAttention`` (see ``pruning.heads``) keep their size. A group is cut
+        only when every layer producing its channels, and every layer sharing their tensors
+        (a tied ``lm_head``), is in ``targets``. The cut model is run once and compared with
         the trace. On a mismatch (often a width read with ``x.shape`` and reused in a reshape)
         the cut is undone and the model traced again keeping every dim whose size the code
         reads; if that also fails, the model is restored and an error names the operation.
@@ -71,6 +82,7 @@ class ChannelPruningConfig(MethodConfig):
     round_to: int = 1
     min_channels: int = 1
     calib_batches: int = 8
+    outputs: Literal["keep", "prune"] = "keep"
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, f"ratio must be in [0, 1), got {self.ratio}")
@@ -97,7 +109,8 @@ def plan(model: nn.Module, cfg: ChannelPruningConfig, ctx: Context, *,
     inputs = ctx.require_example_inputs("pruning.channel")
     selected = {fqn for fqn, _ in select(model, cfg.targets, cfg.ignore)}
     ignored = {fqn for fqn, m in model.named_modules() if fqn and any(matches(s, fqn, m) for s in cfg.ignore)}
-    graph = trace(model, inputs, ignore=ignored, strict_sizes=strict_sizes)
+    graph = trace(model, inputs, ignore=ignored, strict_sizes=strict_sizes,
+                  fixed_outputs=cfg.outputs == "keep")
     if graph.blocked:
         logger.info("pruning.channel: channels reaching these operations are kept: %s",
                     ", ".join(f"{k} x{n}" for k, n in graph.blocked.most_common(8)))

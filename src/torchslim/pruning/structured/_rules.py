@@ -148,7 +148,8 @@ def _setitem(st: State, call: Call) -> None:
 
 
 def _shape(st: State, call: Call) -> None:
-    in_place = str(getattr(call.func, "__name__", "")).endswith("_")  # the input's shape already changed
+    name = str(getattr(call.func, "__name__", ""))
+    in_place = name.endswith("_") and not name.endswith("__")  # unsqueeze_ (not __getitem__): x changed
     if in_place or not isinstance(call.args[0], torch.Tensor) or not isinstance(call.out, torch.Tensor):
         opaque(st, call)
     else:

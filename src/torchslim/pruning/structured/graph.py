@@ -216,7 +216,7 @@ def _kept_modes(model: nn.Module) -> Iterator[None]:
 
 
 def trace(model: nn.Module, example_inputs: Any, *, ignore: Collection[str] = (),
-          strict_sizes: bool = False) -> ChannelGraph:
+          strict_sizes: bool = False, fixed_outputs: bool = True) -> ChannelGraph:
     """Run ``model`` once on ``example_inputs`` and record how its channels are coupled.
 
     Args:
@@ -225,6 +225,7 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Collection[str] = ()
         ignore: Fqns of modules kept exactly as they are (opaque to the tracer).
         strict_sizes: Keep every dim whose size the model's code reads (``x.shape``,
             ``x.size(1)``): the safe fallback when a read size ends up in a reshape.
+        fixed_outputs: The model's outputs keep their shape (False: their channels may go too).
 
     Raises:
         UnsupportedModuleError: A TorchScript submodule that is not in ``ignore``.
@@ -237,11 +238,11 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Collection[str] = ()
         with tracer:
             out = model(*args, **kwargs)
         tracer.recording = False
-        for t in tensors(out):  # the model's outputs keep their shape
+        for t in tensors(out) if fixed_outputs else ():  # the model's outputs keep their shape
             tracer.el.fix_labels(tracer.get(t))
         unused = [f for f, m in model.named_modules() if f not in tracer.used and _owns_weights(m)]
         if unused:
-            _training_pass(model, tracer, args, kwargs, unused)
+            _training_pass(model, tracer, args, kwargs, unused, fixed_outputs)
     return ChannelGraph(tracer.el, _slots(model, tracer), tracer.calls, tracer.module_out, tracer.blocked,
                         opaque_fqns)
 
@@ -250,14 +251,15 @@ def _owns_weights(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def _training_pass(model: nn.Module, tracer: _Tracer, args: Any, kwargs: Any, unused: list[str]) -> None:
+def _training_pass(model: nn.Module, tracer: _Tracer, args: Any, kwargs: Any, unused: list[str],
+                   fixed_outputs: bool) -> None:
     """Trace again in training mode for layers only training runs (auxiliary heads)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     model.train()
     try:
         with torch.random.fork_rng(devices=[]), tracer:
             out = model(*args, **kwargs)
-        for t in tensors(out):
+        for t in tensors(out) if fixed_outputs else ():
             tracer.el.fix_labels(tracer.get(t))
     except Exception as exc:  # e.g. BatchNorm refuses one sample in training mode
         logger.warning("pruning.channel: training-mode trace failed (%s); layers used only in "

@@ -144,8 +144,32 @@ def cut_channels(model: nn.Module, groups: Sequence[Group], removed: Sequence[Se
         result._attrs += [(module, a, v) for a, v in before[fqn].items()]
         attrs = slicers.sync(module, {a: v for a, v in before[fqn].items() if isinstance(v, int)})
         result.structure[fqn] = _entry(module, attrs, params[fqn])
+    for source, targets in _ties(owners, [aliases[id(old)] for old, _ in replaced]).items():
+        result.structure[source]["tie"] = targets  # rebuilt modules would each get their own tensor
     result.touched = sorted(owners)
     return result
+
+
+def _ties(owners: dict[str, nn.Module],
+          shared: list[list[tuple[str, nn.Module, str]]]) -> dict[str, list[str]]:
+    """Source fqn -> modules that use every parameter of it (a tied head), for structure.json.
+
+    Only whole-module ties are recorded: each parameter of the source must be the very tensor
+    the target holds under the same name (an Embedding and the Linear head tied to it).
+    """
+    ties: dict[str, list[str]] = {}
+    for holders in shared:
+        fqns = list(dict.fromkeys(fqn for fqn, _, _ in holders))
+        if len(fqns) < 2:
+            continue
+        fqns.sort(key=lambda f: len(list(owners[f].parameters(recurse=False))))
+        source, params = fqns[0], dict(owners[fqns[0]].named_parameters(recurse=False))
+        for target in fqns[1:]:
+            held = dict(owners[target].named_parameters(recurse=False))
+            whole = bool(params) and all(held.get(n) is p for n, p in params.items())
+            if whole and target not in ties.get(source, []):
+                ties.setdefault(source, []).append(target)
+    return ties
 
 
 def _entry(module: nn.Module, attrs: list[str], params: list[str]) -> dict[str, Any]:
