@@ -30,7 +30,7 @@ class TrainSpec:
         precision: ``fp32``, or ``bf16``: forward passes (the model's, the teacher's) and
             losses run under bfloat16 autocast while the weights, gradients and optimizer
             state stay float32 (mixed precision; about 2-3x faster matrix products on CPUs
-            with AVX-512 BF16 or AMX, and on recent GPUs).
+            with AVX-512 BF16 or AMX and on recent GPUs, slower on CPUs without them).
     """
 
     name: ClassVar[str] = "train"
