@@ -268,7 +268,8 @@ def test_a_width_read_from_a_shape_is_kept_after_one_retry(tmp_path: Path) -> No
     torch.testing.assert_close(ts.load(tmp_path / "run", build=Attention)(tokens), model(tokens), rtol=0, atol=0)
 
 
-def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first() -> None:
+def _tiny_bert_encoder() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random 2-layer BERT sentence encoder (hidden 32, FFN 64) and a batch of 2 x 12 tokens."""
     transformers = pytest.importorskip("transformers")
     from torchslim.zoo.minilm import MiniLMEncoder
 
@@ -276,7 +277,11 @@ def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first()
                                      intermediate_size=64, max_position_embeddings=32)
     torch.manual_seed(0)
     model = MiniLMEncoder(transformers.BertModel(config)).eval()
-    batch = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    return model, {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+
+
+def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first() -> None:
+    model, batch = _tiny_bert_encoder()
     doomed = torch.arange(0, 64, 4)  # a quarter of each FFN, made worthless
     for layer in model.bert.encoder.layer:
         with torch.no_grad():
@@ -329,14 +334,7 @@ def test_a_llamas_hidden_size_shrinks_and_its_tied_head_follows(tmp_path: Path) 
 
 
 def test_outputs_prune_lets_an_encoders_output_width_go() -> None:
-    transformers = pytest.importorskip("transformers")
-    from torchslim.zoo.minilm import MiniLMEncoder
-
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = MiniLMEncoder(transformers.BertModel(config)).eval()
-    batch = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    model, batch = _tiny_bert_encoder()
     targets = ("type:Embedding", r"re:.*\.output\.dense$")
     kept = ts.apply(copy.deepcopy(model), ChannelPruningConfig(ratio=0.25, targets=targets), _ctx(batch)).model
     assert kept.bert.embeddings.word_embeddings.embedding_dim == 32, "the sentence embedding keeps its width"

@@ -156,3 +156,20 @@ def test_bf16_precision_runs_forwards_in_bfloat16_and_keeps_float32_weights() ->
     assert _accuracy(student, data) > 0.8  # it learns as the fp32 run of test_fit_learns_a_simple_rule does
     with torch.no_grad():  # and after training the model runs in float32 again
         assert student(data.tensors[0][:4]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["logits", "features", "relational", "adversarial"])
+def test_distillation_methods_train_under_bf16(name: str) -> None:
+    from torchslim.distillation import adversarial, features, relational
+
+    method = {"logits": lambda: LogitDistillation(LogitDistillationConfig()),
+              "features": lambda: features.FeatureDistillation(features.FeatureDistillationConfig()),
+              "relational": lambda: relational.RelationalDistillation(relational.RelationalDistillationConfig()),
+              "adversarial": lambda: adversarial.AdversarialDistillation(
+                  adversarial.AdversarialDistillationConfig())}[name]()
+    data, student = _data(64), MLP()
+    before = [p.detach().clone() for p in student.parameters()]
+    fit(student, TrainSpec(steps=3, batch_size=16, precision="bf16"), [method],
+        Context(train_data=data, example_inputs=data.tensors[0][:2]), teacher=MLP().eval())
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # it trained
