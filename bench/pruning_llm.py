@@ -321,7 +321,7 @@ def _recover_data(r: dict[str, Any]) -> str:
     if r.get("generated"):
         return (f"the 32 calibration windows plus {r['generated']} windows the dense model wrote itself: each "
                 "starts with 256 calibration tokens from a random offset and continues with the model's own "
-                "sampled text (temperature 1, no top-k or top-p) to 512 tokens, written before pruning "
+                "sampled text (temperature 1, no top-k or top-p, bf16 autocast) to 512 tokens, written before pruning "
                 f"({r['generate_s'] / 60:.1f} minutes, counted in the distillation time); no other text is read")
     if r.get("shift"):
         return "the 32 calibration windows' tokens, cut at fresh random offsets every pass"
