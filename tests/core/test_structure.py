@@ -208,3 +208,51 @@ def test_malformed_tie_ops_raise_output_error_and_tie_nothing(op: dict[str, Any]
     with pytest.raises(OutputError, match=message):
         structure.replay(twin, [op])
     assert twin.a[0].weight is not twin.b[0].weight and twin.c.weight.shape == (3, 4)
+
+
+class Config:
+    """Stands in for a Hugging Face config: plain attributes."""
+
+    def __init__(self) -> None:
+        self.hidden_size = 4
+        self.name = "twin"
+
+
+class Configured(Twin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = Config()
+        self.a.config = self.config  # nested models share one config object
+        self.c.config = Config()  # or hold a copy
+
+
+def test_a_root_config_op_sets_every_config_and_comes_with_the_ties() -> None:
+    ops = structure.capture(Configured(), {"": {"keep_module": True, "config": {"hidden_size": 3}},
+                                           "a": {"tie": ["b"], "keep_module": True}})
+    assert ops == [{"fqn": "", "config": {"hidden_size": 3}}, {"fqn": "a", "tie": ["b"]}]
+    model = structure.replay(Configured(), json.loads(json.dumps(ops)))
+    assert model.config.hidden_size == model.c.config.hidden_size == 3 and model.a.config is model.config
+
+
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        ({"fqn": "", "config": {"hidden_size": "3"}}, "must map config names to positive integers"),
+        ({"fqn": "", "config": {"hidden_size": 0}}, "must map config names to positive integers"),
+        ({"fqn": "", "config": {"hidden_size": True}}, "must map config names to positive integers"),
+        ({"fqn": "", "config": {}}, "must map config names to positive integers"),
+        ({"fqn": "", "config": {"name": 3}}, "no config with an integer 'name'"),
+        ({"fqn": "", "config": {"__class__": 3}}, "no config with an integer '__class__'"),
+        ({"fqn": "a", "config": {"hidden_size": 3}}, "belongs to the root"),
+    ],
+)
+def test_malformed_config_ops_raise_output_error_and_set_nothing(op: dict[str, Any], message: str) -> None:
+    model = Configured()
+    with pytest.raises(OutputError, match=message):
+        structure.replay(model, [op])
+    assert model.config.hidden_size == 4 and model.config.name == "twin"
+
+
+def test_a_model_without_a_config_refuses_a_config_op() -> None:
+    with pytest.raises(OutputError, match="no config with an integer 'hidden_size'"):
+        structure.replay(Twin(), [{"fqn": "", "config": {"hidden_size": 3}}])

@@ -325,11 +325,13 @@ def test_a_llamas_hidden_size_shrinks_and_its_tied_head_follows(tmp_path: Path) 
     assert layer.self_attn.o_proj.out_features == layer.mlp.down_proj.out_features == 48
     assert layer.input_layernorm.weight.shape == pruned.model.norm.weight.shape == (48,)
     assert layer.self_attn.q_proj.out_features == 64, "heads keep their size"
+    assert pruned.config.hidden_size == 48 and result.record.structure[""]["config"] == {"hidden_size": 48}
     logits = pruned(input_ids=ids).logits
     assert logits.shape == (2, 10, 128) and torch.isfinite(logits).all()  # the vocabulary is the output
     ts.save(result, tmp_path / "run")
     reloaded = ts.load(tmp_path / "run", build=_tied_llama)
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert reloaded.config.hidden_size == reloaded.model.config.hidden_size == 48, "structure.json sets the config"
     torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0, atol=0)
 
 
@@ -338,5 +340,7 @@ def test_outputs_prune_lets_an_encoders_output_width_go() -> None:
     targets = ("type:Embedding", r"re:.*\.output\.dense$")
     kept = ts.apply(copy.deepcopy(model), ChannelPruningConfig(ratio=0.25, targets=targets), _ctx(batch)).model
     assert kept.bert.embeddings.word_embeddings.embedding_dim == 32, "the sentence embedding keeps its width"
+    assert kept.bert.config.hidden_size == 32
     cut = ts.apply(model, ChannelPruningConfig(ratio=0.25, targets=targets, outputs="prune"), _ctx(batch)).model
     assert cut.bert.embeddings.word_embeddings.embedding_dim == 24 and cut(batch).shape == (2, 24)
+    assert cut.bert.config.hidden_size == 24

@@ -15,7 +15,7 @@ from torch import nn
 
 from torchslim.errors import OutputError
 
-__all__ = ["capture", "keep_children", "module_spec", "rebuildable", "replay", "tie_modules"]
+__all__ = ["capture", "keep_children", "module_spec", "rebuildable", "replay", "set_config", "tie_modules"]
 
 T = TypeVar("T", bound=type[nn.Module])
 _SIMPLE = (int, float, str, bool, type(None))
@@ -93,6 +93,8 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     of those tensors so ``replay`` can resize them (channels cut from any module type).
     ``"tie": [fqns]`` makes those modules share ``fqn``'s parameters (see ``tie_modules``); with
     ``"keep_module": True`` and nothing else to record, only the tie is recorded (no swap).
+    ``"config": {name: int}`` on the root fqn ``""`` records Hugging Face config sizes the
+    change set (``hidden_size`` after the residual stream was cut; see ``set_config``).
     Parents come before children; fqns that no longer exist are dropped; ties come last, after
     every swap, so they bind the final modules.
     """
@@ -102,6 +104,10 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     for fqn in sorted(changes, key=lambda f: (f.count("."), f)):
         if fqn not in present:
             continue
+        if not fqn and "config" in changes[fqn]:
+            ties.append({"fqn": fqn, "config": dict(changes[fqn]["config"])})
+            if not changes[fqn].keys() - {"config", "keep_module"}:
+                continue
         if "tie" in changes[fqn]:
             tied = [t for t in changes[fqn]["tie"] if t in present]
             if tied:
@@ -160,10 +166,16 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
         raise OutputError(f"structure.json: 'ops' must be a list, found {type(ops).__name__}")
     for i, op in enumerate(ops):
         where = f"structure.json ops[{i}]"
-        named = isinstance(op, dict) and isinstance(op.get("fqn"), str) and bool(op["fqn"] or "shapes" in op)
+        named = isinstance(op, dict) and isinstance(op.get("fqn"), str) and bool(
+            op["fqn"] or "shapes" in op or "config" in op)
         if not named:
             raise OutputError(f"{where}: expected a mapping with a non-empty 'fqn', found {op!r}")
         fqn = op["fqn"]
+        if "config" in op:
+            if fqn:
+                raise OutputError(f"{where}: 'config' belongs to the root (fqn ''), found fqn {fqn!r}")
+            set_config(model, op["config"], where)
+            continue
         if "keep" in op:
             keep_children(model, fqn, op["keep"], where)
             continue
@@ -259,6 +271,26 @@ def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modu
         for pname, param in params:
             owner, _, leaf = pname.rpartition(".")
             setattr(target.get_submodule(owner), leaf, param)
+    return model
+
+
+def set_config(model: nn.Module, sizes: Any, where: str = "set_config") -> nn.Module:
+    """Set integer sizes (``hidden_size``) on every Hugging Face config object inside ``model``.
+
+    Nested models share or copy one config; each distinct one holding the name as an int is set.
+    A name no config holds as an int is refused, so a file cannot plant new attributes.
+    """
+    valid = isinstance(sizes, dict) and bool(sizes) and all(
+        isinstance(k, str) and type(v) is int and v > 0 for k, v in sizes.items())
+    if not valid:
+        raise OutputError(f"{where}: 'config' must map config names to positive integers, found {sizes!r}")
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    for name, value in sizes.items():
+        holders = [c for c in configs.values() if type(getattr(c, name, None)) is int]
+        if not holders:
+            raise OutputError(f"{where}: the model has no config with an integer {name!r} to set to {value}")
+        for config in holders:
+            setattr(config, name, value)
     return model
 
 

@@ -171,9 +171,4 @@ def slice_student(model: nn.Module, arch: TransformerArch, space: TransformerSpa
         outcome = apply_by_key(student, raw, ctx, "nas.search")
         student = outcome.model
         merge_structure(structure, outcome.structure)
-    if arch.hidden is not None and arch.hidden < dims.hidden:  # model_dims of the student reads it
-        for module in student.modules():
-            config = getattr(module, "config", None)
-            if config is not None and getattr(config, "hidden_size", None) == dims.hidden:
-                config.hidden_size = arch.hidden
-    return student, structure
+    return student, structure  # pruning.channel set config.hidden_size (model_dims reads it)

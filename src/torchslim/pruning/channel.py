@@ -48,7 +48,9 @@ class ChannelPruningConfig(MethodConfig):
             may go too, e.g. a Transformer's hidden size: with ``targets`` naming every
             layer that writes to the residual stream (the embedding tables and each residual
             branch's output projection), the stream, its norms, every layer reading it and
-            the sentence embedding or last hidden state become narrower.
+            the sentence embedding or last hidden state become narrower. When a Hugging
+            Face model's input embedding narrows, its ``config.hidden_size`` follows, and
+            ``ts.load`` sets it again from structure.json.
 
     Recipe:
         - method: pruning.channel
@@ -141,6 +143,7 @@ def apply(model: nn.Module, cfg: ChannelPruningConfig, ctx: Context) -> Outcome:
     inputs = ctx.example_inputs
     flops_before, params_before = _flops(model, inputs), _params(model)
     widths = _widths(model, [fqn for g in chosen.groups for fqn in g.producers])
+    embedding_width = _embedding_width(model)
     cut, problem = _cut(model, chosen, inputs) if any(chosen.removed) else (None, None)
     if problem is not None:  # a size read in the code ended up in a shape: keep such dims
         logger.info("pruning.channel: %s; tracing again, keeping every dim whose size is read", problem)
@@ -159,10 +162,39 @@ def apply(model: nn.Module, cfg: ChannelPruningConfig, ctx: Context) -> Outcome:
         "flops_ratio": _flops(model, inputs) / flops_before if flops_before else 1.0,
     }
     after = _widths(model, list(widths))
+    if embedding_width is not None and _embedding_width(model) != embedding_width:
+        sizes = _sync_hidden_size(model, embedding_width)
+        if sizes:
+            cut.structure[""] = {**cut.structure.get("", {"keep_module": True}), "config": sizes}
     layers = {fqn: {"kept": float(after[fqn]), "ratio": 1.0 - after[fqn] / n}
               for fqn, n in widths.items() if after[fqn] != n}
     return Outcome(model=model, touched=tuple(cut.touched), structure=cut.structure, stats=stats,
                    layers=layers)
+
+
+def _embedding_width(model: nn.Module) -> int | None:
+    """Width of the input embedding table of the outermost Hugging Face model inside ``model``."""
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                table = get()
+            except NotImplementedError:
+                continue
+            return table.embedding_dim if isinstance(table, nn.Embedding) else None
+    return None
+
+
+def _sync_hidden_size(model: nn.Module, old: int) -> dict[str, int]:
+    """Set ``config.hidden_size`` to the embedding's new width where it held the old one."""
+    new = _embedding_width(model)
+    configs = [c for m in model.modules() if (c := getattr(m, "config", None)) is not None]
+    if new is None or not any(getattr(c, "hidden_size", None) == old for c in configs):
+        return {}
+    for config in configs:
+        if getattr(config, "hidden_size", None) == old:
+            config.hidden_size = new
+    return {"hidden_size": new}
 
 
 def _widths(model: nn.Module, fqns: Sequence[str]) -> dict[str, int]:
