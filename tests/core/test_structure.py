@@ -135,6 +135,7 @@ def test_nonexistent_fqn_raises(fqn: str) -> None:
         ([{"fqn": "fc1", "module": {"cls": "Linear", "kwargs": {"in_features": "x"}}}],
          "cannot build Linear"),
         ([{"fqn": "fc1", "module": {"cls": "Linear", "kwargs": [1]}}], "'kwargs' must be a mapping"),
+        ([{"fqn": "fc1", "module": {"cls": []}}], "unknown module class"),  # found by tests/test_fuzz.py
         ([{"fqn": "drop", "attrs": {"p": [0.1]}}], "'attrs' must map names"),
         ([{"fqn": "drop", "attrs": {"__class__": "Linear"}}], "cannot be set"),
         ([{"fqn": "fc1", "attrs": {"weight": 3}}], "cannot set weight=3"),

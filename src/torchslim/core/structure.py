@@ -134,7 +134,7 @@ MAX_ELEMENTS = 2**31  # per module or tensor: above any model here (8 GB in fp32
 
 
 def _build(spec: Any, where: str) -> nn.Module:
-    if not isinstance(spec, dict) or spec.get("cls") not in _BUILDERS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("cls"), str) or spec["cls"] not in _BUILDERS:
         raise OutputError(f"{where}: unknown module class {spec!r} in structure.json")
     cls, _ = _BUILDERS[spec["cls"]]
     kwargs = spec.get("kwargs", {})
