@@ -13,6 +13,9 @@ For MobileNetV2 the whole pruned network (trunk and head) is fine-tuned on the p
 images; since the dense reference is a frozen-feature probe, the ``dense-finetuned`` row gives
 the dense network the same fine-tuning, so a drop can be read against both.
 
+A ``kd-<criterion>`` variant also distils (``distillation.logits``, T = 2, alpha = 0.5) from the
+dense network fine-tuned with the same budget (run ``dense-finetuned`` first: it keeps its weights).
+
 Run: python bench/pruning_accuracy.py [--model fashion_cnn|mobilenet] [--epochs 2] [--train 20000]
 [--variants l2,taylor,...] [--before-test N]. Results merge into docs/benchmarks/pruning-accuracy.md (so variants
 can run separately); each model keeps its own JSON state.
@@ -34,13 +37,15 @@ from typing import Any
 import torch
 
 import torchslim as ts
+from torchslim.distillation import LogitDistillationConfig
 from torchslim.measure.flops import count_flops
 from torchslim.pruning import ChannelPruningConfig
 from torchslim.recipes import Recipe, Stage, TrainSpec
-from torchslim.zoo import accuracy, fashion_mnist, head, loader, mobilenet, pretrained_fashion_cnn
+from torchslim.zoo import accuracy, cache_dir, fashion_mnist, head, loader, mobilenet, pretrained_fashion_cnn
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "pruning-accuracy.md"
 CRITERIA = ("l1", "l2", "taylor", "entropy", "bn_scale", "apoz")
+KD_TEMPERATURE, KD_ALPHA = 2.0, 0.5  # the kd- variants' soft targets (the common defaults, not tuned)
 VARIANTS = ["dense-finetuned", *CRITERIA, *(f"iterative-{c}" for c in ("l2", "taylor"))]
 
 
@@ -96,10 +101,27 @@ SETTINGS = {
 }
 
 
-def _ctx(s: Setting, train: Any, test: Any, seed: int = 0) -> ts.Context:
+def _ctx(s: Setting, train: Any, test: Any, seed: int = 0, teacher: torch.nn.Module | None = None) -> ts.Context:
     calib = list(train.tensors[0][:512].split(64))
-    return ts.Context(example_inputs=test.tensors[0][:1], calib_data=calib,
+    return ts.Context(example_inputs=test.tensors[0][:1], calib_data=calib, teacher=teacher,
                       train_data=loader(train, s.batch, shuffle=True, seed=seed), seed=seed, progress=False)
+
+
+def _teacher_path(s: Setting, epochs: float, n_train: int) -> Path:
+    """Where the dense-finetuned run of this budget keeps its weights (the ``kd-`` variants' teacher)."""
+    return cache_dir() / "bench" / f"{s.state.stem}-dense-{epochs:g}ep-{n_train}.safetensors"
+
+
+def _teacher(s: Setting, epochs: float, n_train: int) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    path = _teacher_path(s, epochs, n_train)
+    if not path.is_file():
+        raise SystemExit(f"kd- variants distil from the dense-finetuned run of the same budget; run "
+                         f"--variants dense-finetuned with these --epochs/--train first ({path} is missing)")
+    teacher = s.build()
+    teacher.load_state_dict(load_file(str(path)))
+    return teacher.eval()
 
 
 def half_flops_ratio(s: Setting, x: torch.Tensor) -> tuple[float, float]:
@@ -117,18 +139,29 @@ def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test:
         before_test: int | None = None) -> dict[str, Any]:
     iterative = variant.startswith("iterative-")
     dense = variant == "dense-finetuned"
-    importance = variant.removeprefix("iterative-")
+    kd = variant.startswith("kd-")  # distilled from the dense network fine-tuned with the same budget
+    importance = variant.removeprefix("iterative-").removeprefix("kd-")
     rounds = 3 if iterative else 1
     per_round = 0.0 if dense else 1 - (1 - ratio) ** (1 / rounds)
     steps = int(epochs * math.ceil(len(train) / s.batch))
-    methods = () if dense else (ChannelPruningConfig(ratio=per_round, importance=importance, ignore=s.ignore),)
+    methods: tuple[Any, ...] = () if dense else (
+        ChannelPruningConfig(ratio=per_round, importance=importance, ignore=s.ignore),)
+    teacher = _teacher(s, epochs, len(train)) if kd else None
+    if kd:
+        methods += (LogitDistillationConfig(temperature=KD_TEMPERATURE, alpha=KD_ALPHA),)
     stages = tuple(Stage(name=f"prune{i}", methods=methods,
                          train=TrainSpec(steps=steps // rounds, lr=s.lr, batch_size=s.batch)) for i in range(rounds))
     model = s.build()
     x = test.tensors[0][:1]
     base_flops = count_flops(model, x)
     started = time.perf_counter()
-    result = ts.compress(model, Recipe(stages=stages, measure=()), _ctx(s, train, test))
+    result = ts.compress(model, Recipe(stages=stages, measure=()), _ctx(s, train, test, teacher=teacher))
+    if dense:
+        from safetensors.torch import save_file
+
+        _teacher_path(s, epochs, len(train)).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+                  str(_teacher_path(s, epochs, len(train))))
     row = {"variant": variant, "ratio_per_round": round(per_round, 4), "rounds": rounds,
            "flops_share": count_flops(result.model, x) / base_flops,
            "accuracy": 100 * accuracy(result.model, test, batch_size=500),
