@@ -110,10 +110,11 @@ def main() -> None:
 def _write(args: argparse.Namespace, ref: dict[str, float], budget: float, stats: dict[str, float],
            chosen: dict, front: str, minutes: tuple[float, float]) -> None:
     arch = chosen["arch"]
+    met = chosen["test"] >= ref["accuracy"] and chosen["latency_ms"] <= RATIO * ref["latency_ms"]
     lines = [
         START, "## One-shot search: one supernet, sliced subnets", "",
         f"`python bench/nas_oneshot.py --supernet-epochs {args.supernet_epochs} --trials {args.trials} "
-        f"--finetune-epochs {args.finetune_epochs} --strategy {args.strategy}` on "
+        f"--finetune-epochs {args.finetune_epochs} --search-ratio {args.search_ratio} --strategy {args.strategy}` on "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs (load "
         f"average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, optuna {optuna.__version__}.",
         "",
@@ -139,7 +140,10 @@ def _write(args: argparse.Namespace, ref: dict[str, float], budget: float, stats
         f"{ref['latency_ms']:.3f} | 1.00 |",
         f"| one-shot | {arch['widths']} / {arch['depths']} / {arch['kernels']} | {chosen['val']:.4f} | "
         f"{chosen['val_ft']:.4f} | {chosen['test']:.4f} | {chosen['latency_ms']:.3f} | "
-        f"{chosen['latency_ms'] / ref['latency_ms']:.3f} |", "", END]
+        f"{chosen['latency_ms'] / ref['latency_ms']:.3f} |", "",
+        f"Target (issue 17, item 1): fashion_cnn's test accuracy ({ref['accuracy']:.4f}) at <= {RATIO}x its "
+        f"latency: **{'met' if met else 'not met'}** in this run ({chosen['test']:.4f} at "
+        f"{chosen['latency_ms'] / ref['latency_ms']:.3f}x).", "", END]
     write_section(DOC, lines, START, END, "# Neural architecture search (nas.search)", before="<!-- minilm -->")
 
 
