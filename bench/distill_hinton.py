@@ -109,14 +109,9 @@ def _shifted(x: torch.Tensor, shift: int) -> Iterator[torch.Tensor]:
 
 def _jitter(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
     """Translate each image by up to ``shift`` pixels, filling with the background value."""
-    padded = F.pad(x, (shift,) * 4, value=float(x.min()))  # (B, 1, 28+2s, 28+2s)
     offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=g)
-    out = torch.empty_like(x)
-    for dy in range(2 * shift + 1):
-        for dx in range(2 * shift + 1):
-            rows = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().flatten()
-            out[rows] = padded[rows, :, dy:dy + 28, dx:dx + 28]
-    return out
+    copies = torch.stack(list(_shifted(x, shift)))  # (shifts, B, 1, 28, 28), dy-major as _shifted yields
+    return copies[offsets[:, 0] * (2 * shift + 1) + offsets[:, 1], torch.arange(len(x))]
 
 
 class LogitTable(nn.Module):

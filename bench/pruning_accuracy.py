@@ -159,9 +159,9 @@ def run(s: Setting, variant: str, ratio: float, epochs: float, train: Any, test:
     if dense:
         from safetensors.torch import save_file
 
-        _teacher_path(s, epochs, len(train)).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
-                  str(_teacher_path(s, epochs, len(train))))
+        path = _teacher_path(s, epochs, len(train))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(path))
     row = {"variant": variant, "ratio_per_round": round(per_round, 4), "rounds": rounds,
            "flops_share": count_flops(result.model, x) / base_flops,
            "accuracy": 100 * accuracy(result.model, test, batch_size=500),

@@ -100,18 +100,18 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     """
     present = dict(model.named_modules())
     ops = []
-    ties = []
+    last = []  # ties and the root's config op, after every swap
     for fqn in sorted(changes, key=lambda f: (f.count("."), f)):
         if fqn not in present:
             continue
         if not fqn and "config" in changes[fqn]:
-            ties.append({"fqn": fqn, "config": dict(changes[fqn]["config"])})
+            last.append({"fqn": fqn, "config": dict(changes[fqn]["config"])})
             if not changes[fqn].keys() - {"config", "keep_module"}:
                 continue
         if "tie" in changes[fqn]:
             tied = [t for t in changes[fqn]["tie"] if t in present]
             if tied:
-                ties.append({"fqn": fqn, "tie": tied})
+                last.append({"fqn": fqn, "tie": tied})
             if changes[fqn].get("keep_module", False) and not changes[fqn].keys() & {"attrs", "params"}:
                 continue
         if "keep" in changes[fqn]:
@@ -127,7 +127,7 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
             ops.append(op)
         else:
             ops.append({"fqn": fqn, "module": module_spec(present[fqn], names)})
-    return ops + ties
+    return ops + last
 
 
 MAX_ELEMENTS = 2**31  # per module or tensor: above any model here (8 GB in fp32), below a corrupt size
@@ -275,10 +275,12 @@ def tie_modules(model: nn.Module, fqn: str, targets: Any, where: str = "tie_modu
 
 
 def set_config(model: nn.Module, sizes: Any, where: str = "set_config") -> nn.Module:
-    """Set integer sizes (``hidden_size``) on every Hugging Face config object inside ``model``.
+    """Set integer sizes (``hidden_size``) on the Hugging Face configs inside ``model``.
 
-    Nested models share or copy one config; each distinct one holding the name as an int is set.
-    A name no config holds as an int is refused, so a file cannot plant new attributes.
+    Nested models share or copy one config: the first config found (the outermost model's)
+    that holds the name as an int is set, and so is every other holding the same value (a
+    copy; a sub-model of another size, e.g. a vision tower, keeps its own). A name no config
+    holds as an int is refused, so a file cannot plant new attributes.
     """
     valid = isinstance(sizes, dict) and bool(sizes) and all(
         isinstance(k, str) and type(v) is int and v > 0 for k, v in sizes.items())
@@ -289,8 +291,10 @@ def set_config(model: nn.Module, sizes: Any, where: str = "set_config") -> nn.Mo
         holders = [c for c in configs.values() if type(getattr(c, name, None)) is int]
         if not holders:
             raise OutputError(f"{where}: the model has no config with an integer {name!r} to set to {value}")
+        held = getattr(holders[0], name)
         for config in holders:
-            setattr(config, name, value)
+            if getattr(config, name) == held:
+                setattr(config, name, value)
     return model
 
 

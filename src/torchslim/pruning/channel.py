@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchslim.core import Context, MethodConfig, Outcome, check, register, select
 from torchslim.core.select import matches
+from torchslim.core.structure import set_config
 from torchslim.errors import UnsupportedModuleError
 from torchslim.pruning.structured import importance, prune, slicers
 from torchslim.pruning.structured.graph import ChannelGraph, split_inputs, trace
@@ -162,8 +163,9 @@ def apply(model: nn.Module, cfg: ChannelPruningConfig, ctx: Context) -> Outcome:
         "flops_ratio": _flops(model, inputs) / flops_before if flops_before else 1.0,
     }
     after = _widths(model, list(widths))
-    if embedding_width is not None and _embedding_width(model) != embedding_width:
-        sizes = _sync_hidden_size(model, embedding_width)
+    new_width = _embedding_width(model)
+    if embedding_width is not None and new_width is not None and new_width != embedding_width:
+        sizes = _sync_hidden_size(model, embedding_width, new_width)
         if sizes:
             cut.structure[""] = {**cut.structure.get("", {"keep_module": True}), "config": sizes}
     layers = {fqn: {"kept": float(after[fqn]), "ratio": 1.0 - after[fqn] / n}
@@ -185,15 +187,16 @@ def _embedding_width(model: nn.Module) -> int | None:
     return None
 
 
-def _sync_hidden_size(model: nn.Module, old: int) -> dict[str, int]:
-    """Set ``config.hidden_size`` to the embedding's new width where it held the old one."""
-    new = _embedding_width(model)
-    configs = [c for m in model.modules() if (c := getattr(m, "config", None)) is not None]
-    if new is None or not any(getattr(c, "hidden_size", None) == old for c in configs):
+def _sync_hidden_size(model: nn.Module, old: int, new: int) -> dict[str, int]:
+    """Set ``config.hidden_size`` to the embedding's new width when the model's config held the old one.
+
+    ``set_config`` does the setting, as ``ts.load`` replays it from structure.json.
+    """
+    configs = (getattr(m, "config", None) for m in model.modules())
+    holder = next((c for c in configs if type(getattr(c, "hidden_size", None)) is int), None)
+    if holder is None or holder.hidden_size != old:
         return {}
-    for config in configs:
-        if getattr(config, "hidden_size", None) == old:
-            config.hidden_size = new
+    set_config(model, {"hidden_size": new}, "pruning.channel")
     return {"hidden_size": new}
 
 
