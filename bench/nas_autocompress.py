@@ -7,6 +7,8 @@ scored on the 10k test images, right after pruning, as AMC does, and after the s
 ``--model resnet18``: the same protocol on torchvision's ResNet-18 (1-channel 7x7 stem), trained
 here from scratch for 2 epochs on the 60k training images (no pretrained ResNet-18 installs
 offline; cached); each basic block's inner width (``layerN.M.conv1``) gets its own ratio.
+For both, each candidate, and the uniform baseline, gets BatchNorm statistics recomputed on
+``--bn-batches`` calibration batches before it is judged (0: keep the unpruned model's).
 
 ``--model mobilenet``: MobileNetV2 (ImageNet weights) and its Fashion-MNIST linear probe (ASSETS.md
 3.3, 96 px). Each expanded block (2-17) gets one ratio for its hidden width (``group_by``: the
@@ -17,15 +19,19 @@ refitted (logistic regression) on the pruned features of 2,000 training images (
 refitted on the probe's 5,000 training images and scored on 2,000 test images.
 
 Run: python bench/nas_autocompress.py [--model fashion_cnn|resnet18|mobilenet] [--budget 0.5] [--trials 40] [--epochs 1]
+     [--bn-batches 4]
 Each model writes its own section of docs/benchmarks/nas-autocompress.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +42,7 @@ from _sections import write_section
 from torch.utils.data import TensorDataset
 
 import torchslim as ts
+from torchslim.core.batchnorm import recalibrate_batchnorm
 from torchslim.measure.flops import count_flops
 from torchslim.nas import AutoCompressConfig
 from torchslim.pruning import ChannelPruningConfig
@@ -115,30 +122,49 @@ def classifier_rows(args: argparse.Namespace) -> list[str]:
     ratios = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     started = time.perf_counter()
     searched = ts.compress(make(), Recipe.single(AutoCompressConfig(
-        ratios=ratios, budget={"flops": args.budget}, trials=args.trials, **fields)), ctx)
+        ratios=ratios, budget={"flops": args.budget}, trials=args.trials, bn_batches=args.bn_batches, **fields)), ctx)
     minutes = (time.perf_counter() - started) / 60
     outcome = searched.record.outcomes[0]
     uniform = best_uniform(make, fields, args.budget * base, ctx)
+    if args.bn_batches:  # the same BatchNorm statistics the search gave its result
+        recalibrate_batchnorm(uniform[1], ctx.calib_data[: args.bn_batches], "bench")  # type: ignore[index]
     rows = {"searched per-layer ratios": searched.model, f"uniform ratio {uniform[0]}": uniform[1]}
     what = ("ResNet-18 (torchvision, 1-channel stem, trained here 2 epochs on 60k: no pretrained weights "
             "install offline); one ratio per block's inner width (`layerN.M.conv1`)"
             if args.model == "resnet18" else "fashion_cnn")
+    fresh = (f"BatchNorm statistics of both recomputed on {args.bn_batches} calibration batches of 64 training "
+             "images before they are judged (`bn_batches`); " if args.bn_batches else
+             "BatchNorm statistics kept from the unpruned model (`bn_batches: 0`); ")
     lines = [f"## {what}", "",
              f"Budget: {args.budget:.2f} of the original FLOPs; `pruning.channel` (l2) applied per layer by "
-             "key; "
+             "key; " + fresh +
              f"{args.trials} TPE trials ({minutes:.1f} min) judged on 2,000 held-out training images; test accuracy "
              f"on 10k images (original {100 * accuracy(make(), test):.2f}%). Fine-tune: {args.epochs} "
              "epoch(s) "
-             "on 20k images, Adam lr 1e-3, the same for both.", "",
+             "on 20k images, Adam lr 1e-3, the same for both"
+             + (f"; mean ± standard deviation over {args.ft_seeds} fine-tuning seeds (data order and "
+                "initial state of the random generators)." if args.ft_seeds > 1 else "."), "",
              "| variant | FLOPs share | test accuracy, no fine-tune | after fine-tune |", "|---|---|---|---|"]
+    scores: list[tuple[float, float]] = []
+    spreads: list[float] = []
+    stage = Stage(name="ft", methods=(), train=TrainSpec(epochs=args.epochs, lr=1e-3, batch_size=128))
     for name, model in rows.items():
         share = count_flops(model, x) / base
         before = 100 * accuracy(model, test)
-        stage = Stage(name="ft", methods=(), train=TrainSpec(epochs=args.epochs, lr=1e-3, batch_size=128))
-        tuned = ts.compress(model, Recipe(stages=(stage,), measure=()), ctx).model
-        after = 100 * accuracy(tuned, test)
-        lines.append(f"| {name} | {share:.3f} | {before:.2f} | {after:.2f} |")
-        print(name, share, before, after)
+        runs = []
+        for seed in range(args.ft_seeds):
+            tuned = ts.compress(copy.deepcopy(model), Recipe(stages=(stage,), measure=()), dataclasses.replace(
+                ctx, seed=seed, train_data=loader(train, 128, shuffle=True, seed=seed))).model
+            runs.append(100 * accuracy(tuned, test))
+            print(name, "fine-tuning seed", seed, runs[-1], flush=True)
+        after, spread = statistics.fmean(runs), (statistics.stdev(runs) if len(runs) > 1 else 0.0)
+        shown = f"{after:.2f} ± {spread:.2f} ({', '.join(f'{r:.2f}' for r in runs)})" if len(runs) > 1 \
+            else f"{after:.2f}"
+        lines.append(f"| {name} | {share:.3f} | {before:.2f} | {shown} |")
+        scores.append((before, after))
+        spreads.append(spread)
+        print(name, share, before, runs)
+    seed_error = math.sqrt(sum(v**2 for v in spreads) / args.ft_seeds)  # standard error of the gap of the means
     chosen = ", ".join(f"{f}: {v['ratio']}" for f, v in outcome.layers.items())
     lines += ["", f"Chosen ratios: {chosen}. Search: {outcome.stats['trials']:.0f} trials, "
               f"{outcome.stats['feasible']:.0f} within budget, {outcome.stats['seconds']:.0f} s; held-out "
@@ -146,11 +172,25 @@ def classifier_rows(args: argparse.Namespace) -> list[str]:
               f"{100 * outcome.stats['best_uniform_score']:.2f}%. The uniform row is the smallest uniform ratio "
               "(to 0.01) within the budget, found by bisection: it keeps the most channels any uniform setting "
               "can.",
-              "Target (issue 17): searched per-layer settings beat the best uniform setting at the same budget.",
+              "Target (issue 17): searched per-layer settings beat the best uniform setting at the same budget: "
+              + "; ".join(f"{when}: **{_verdict(ours, theirs, len(test), extra)}** ({ours:.2f} vs {theirs:.2f})"
+                          for when, ours, theirs, extra in zip(("no fine-tune", "after fine-tune"), *scores,
+                                                               (0.0, seed_error)))
+              + f" (met needs a gap above two standard errors: of a score on {len(test):,} images"
+              + (", combined with the spread over fine-tuning seeds" if args.ft_seeds > 1 else "") + ").",
               f"Machine: {platform.processor() or platform.machine()}, shared 2 cores (load average "
               f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Reproduce: "
-              f"`python bench/nas_autocompress.py --model {args.model} --budget {args.budget} --trials {args.trials}`."]
+              f"`python bench/nas_autocompress.py --model {args.model} --budget {args.budget} --trials {args.trials} "
+              f"--bn-batches {args.bn_batches} --epochs {args.epochs}"
+              + (f" --ft-seeds {args.ft_seeds}" if args.ft_seeds > 1 else "") + "`."]
     return lines
+
+
+def _verdict(ours: float, theirs: float, images: int, extra: float = 0.0) -> str:
+    """``met`` when ``ours`` (percent) beats ``theirs`` by more than two standard errors: the binomial
+    one of a score on ``images``, combined with ``extra`` (e.g. the spread over fine-tuning seeds)."""
+    error = math.hypot(100 * math.sqrt(theirs / 100 * (1 - theirs / 100) / images), extra)
+    return "met" if ours - theirs > 2 * error else "not met"
 
 
 
@@ -184,7 +224,7 @@ def mobilenet_rows(args: argparse.Namespace) -> list[str]:
     started = time.perf_counter()
     searched = ts.compress(mobilenet.mobilenet_probe_model(), Recipe.single(AutoCompressConfig(
         ratios=ratios, budget={"flops": args.budget}, trials=args.trials, targets=MOBILENET_HIDDEN,
-        group_by=MOBILENET_BLOCK)), ctx)
+        group_by=MOBILENET_BLOCK, bn_batches=0)), ctx)  # no calibration data: the probe's images only
     minutes = (time.perf_counter() - started) / 60
     outcome = searched.record.outcomes[0]
     uniform = best_uniform(mobilenet.mobilenet_probe_model, {"targets": MOBILENET_HIDDEN}, args.budget * base, ctx)
@@ -205,7 +245,7 @@ def mobilenet_rows(args: argparse.Namespace) -> list[str]:
         lines.append(f"| {name} | {count_flops(model, x) / base:.3f} | {100 * held:.2f} | {tested[-1]:.2f} |")
         print(lines[-1])
     error = 100 * math.sqrt(tested[1] / 100 * (1 - tested[1] / 100) / args.test_images)  # binomial
-    verdict = "met" if tested[0] - tested[1] > 2 * error else "not met"
+    verdict = _verdict(tested[0], tested[1], args.test_images)
     lines += ["", f"Target (issue 17): searched per-layer settings beat the best uniform setting at the same "
               f"budget: **{verdict}** (test {tested[0]:.2f} vs {tested[1]:.2f}; one standard error of a score on "
               f"{args.test_images:,} images is about {error:.1f} points, and met needs more than two)."]
@@ -233,10 +273,20 @@ def main() -> None:
                         help="mobilenet: images the search refits the probe on, and scores on")
     parser.add_argument("--max-ratio", type=float, default=0.75, help="largest ratio of the grid (mobilenet)")
     parser.add_argument("--test-images", type=int, default=2000, help="mobilenet: test images scored")
+    parser.add_argument("--ft-seeds", type=int, default=1,
+                        help="fashion_cnn, resnet18: fine-tune each variant with this many seeds (mean ± sd)")
+    parser.add_argument("--bn-batches", type=int, default=4,
+                        help="fashion_cnn, resnet18: calibration batches for fresh BatchNorm statistics (0: keep)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     lines = mobilenet_rows(args) if args.model == "mobilenet" else classifier_rows(args)
     key = args.model if args.budget == 0.5 else f"{args.model}-{args.budget:g}"  # a section per model and budget
+    if args.model != "mobilenet" and args.bn_batches:
+        key += f"-bn{args.bn_batches}"
+    if args.model != "mobilenet" and args.epochs != 1:
+        key += f"-ep{args.epochs}"
+    if args.model != "mobilenet" and args.ft_seeds > 1:
+        key += f"-seeds{args.ft_seeds}"
     if args.model == "mobilenet" and (args.step, tuple(args.search_images)) != (0.125, (2000, 1000)):
         key += f"-step{args.step:g}-{args.search_images[0]}-{args.search_images[1]}"
     if args.model == "mobilenet" and (args.max_ratio, args.test_images) != (0.75, 2000):

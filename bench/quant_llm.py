@@ -1,7 +1,7 @@
 """SmolLM2-135M weight-only quantization: RTN vs GPTQ, perplexity on the Lee windows (ASSETS.md 3.1).
 
 Every decoder-layer Linear is quantized (asymmetric, group 64); the tied embedding / lm_head
-stays fp32. Calibration: the 32 shared windows after the evaluation text. Reported per run:
+stays fp32, except in ``-emb8`` runs (int8, group 64, one table serving both). Calibration: the 32 shared windows after the evaluation text. Reported per run:
 perplexity, packed checkpoint size against fp32 (``serialized_size`` of the model as saved),
 one-shot time, peak resident memory during the one-shot step, and evaluation tokens/s.
 
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 import torchslim as ts
 from torchslim.core.config import MethodConfig
 from torchslim.core.storage import serialized_size
+from torchslim.export import load, save
 from torchslim.quantization import AWQConfig, GPTQConfig, WeightOnlyConfig
 from torchslim.quantization.mixed import MixedPrecisionConfig
 from torchslim.zoo import llm
@@ -43,7 +45,11 @@ RUNS: dict[str, MethodConfig | None] = {
     "gptq-w4": GPTQConfig(bits=4, group_size=64, targets=DECODER),
     "gptq-w4-noorder": GPTQConfig(bits=4, group_size=64, act_order=False, targets=DECODER),
     "gptq-w3": GPTQConfig(bits=3, group_size=64, targets=DECODER),
+    "gptq-w4-clip": GPTQConfig(bits=4, group_size=64, clip_shrink=0.2, targets=DECODER),
+    "gptq-w3-clip": GPTQConfig(bits=3, group_size=64, clip_shrink=0.3, targets=DECODER),
+    "gptq-w4-emb8": GPTQConfig(bits=4, group_size=64, embedding_bits=8, targets=DECODER),
     "awq-w4": AWQConfig(bits=4, group_size=64, targets=DECODER),
+    "awq-w4-clip": AWQConfig(bits=4, group_size=64, clip_shrink=0.2, targets=DECODER),
     "mixed-4.5": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.5, group_size=64, targets=DECODER),
     "mixed-4.0": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.0, group_size=64, targets=DECODER),
 }
@@ -51,7 +57,8 @@ RUNS: dict[str, MethodConfig | None] = {
 REFERENCE = {"fp32": 30.77, "rtn-w8": 30.79, "rtn-w4": 39.26, "rtn-w3": 97.0, "gptq-w4": 35.11,
              "gptq-w4-noorder": 38.66, "gptq-w3": 85.55}
 LLMCOMPRESSOR = {"gptq-w4": 35.24, "gptq-w3": 55.93}
-TARGET = {"gptq-w4": 35.0, "gptq-w3": 55.0, "awq-w4": "< RTN 39.26", "mixed-4.5": "< GPTQ w4"}
+TARGET = {"gptq-w4-emb8": "checkpoint <= 0.30", "gptq-w4": 35.0, "gptq-w3": 55.0, "gptq-w4-clip": "best int4 <= 34.0", "gptq-w3-clip": 55.0,
+          "awq-w4-clip": "best int4 <= 34.0", "awq-w4": "< RTN 39.26", "mixed-4.5": "< GPTQ w4"}
 
 
 def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, calib: list[torch.Tensor],
@@ -61,11 +68,16 @@ def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, cal
                            "date": time.strftime("%Y-%m-%d %H:%M")}
     with PeakRSS() as peak:
         started = time.perf_counter()
-        if cfg is not None:
-            model = ts.apply(model, cfg, ts.Context(calib_data=calib)).model
+        result = ts.apply(model, cfg, ts.Context(calib_data=calib)) if cfg is not None else None
         row["oneshot_s"] = time.perf_counter() - started
     row["peak_rss_mb"] = peak.peak_mb
-    row["size_ratio"] = serialized_size(model) / dense_bytes
+    if result is not None:  # judged on the model reloaded from its checkpoint
+        with tempfile.TemporaryDirectory() as folder:
+            save(result, folder, overwrite=True)
+            row["size_ratio"] = (Path(folder) / "model.safetensors").stat().st_size / dense_bytes
+            model = load(folder, llm.load_smollm2)
+    else:
+        row["size_ratio"] = 1.0
     started = time.perf_counter()
     row["ppl"] = llm.perplexity(model, eval_windows)
     row["eval_s"] = time.perf_counter() - started
@@ -75,7 +87,9 @@ def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, cal
 
 def render(state: dict[str, dict[str, Any]]) -> str:
     lines = ["# Weight-only quantization of SmolLM2-135M (Lee background windows)", "",
-             "Every decoder-layer Linear, asymmetric, group 64; tied embedding / lm_head kept fp32. Perplexity on "
+             "Every decoder-layer Linear, asymmetric, group 64; tied embedding / lm_head kept fp32 except in `-emb8` "
+             "runs (int8 round to nearest, group 64, one set of codes for both); `-clip` runs search each "
+             "group's clipping range (`clip_shrink`). Perplexity on "
              "the first 24 windows of 512 tokens; calibration on the next 32 (ASSETS.md 3.1).", "",
              "| run | method | ppl | plain reference (ASSETS) | llm-compressor 0.14 (ASSETS) | target | checkpoint / fp32 | "
              "one-shot s | peak RSS MB | eval tokens/s | measured |",
@@ -90,8 +104,10 @@ def render(state: dict[str, dict[str, Any]]) -> str:
     lines += ["", "Notes:",
               "- The reference and llm-compressor columns were measured for ASSETS.md on the same windows and "
               "machine type, not in this run (llm-compressor needs its own venv; ASSETS.md says how).",
-              "- Checkpoint size: the model's state as torchslim saves it (packed codes, fp32 scales and zero "
-              "points, fp32 embedding which is 21% of the parameters) over the fp32 state.",
+              "- Checkpoint size: `model.safetensors` as torchslim saves it (packed codes, fp32 scales and zero "
+              "points, fp32 embedding which is 21% of the parameters, int8 in `-emb8` runs) over the fp32 state; "
+              "rows measured from 2026-11-27 on are judged on the model reloaded from that file (earlier rows: "
+              "the model in memory, which reloads bit-exact).",
               "- tokens/s: perplexity evaluation throughput (batch of 512-token windows); the int4 layers "
               "dequantise on the fly and multiply in fp32, so they are not faster on CPU.",
               f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,8 @@ class _Chain(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def _ctx(model: nn.Module) -> ts.Context:
-    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+def _ctx(model: nn.Module, size: int = 8) -> ts.Context:
+    x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(x)
 
@@ -173,7 +175,7 @@ def test_pruning_and_bits_together_under_flops_and_size_budgets() -> None:
 def test_a_latency_budget_is_measured() -> None:
     torch.manual_seed(0)
     model = _Chain().eval()
-    ctx = _ctx(model)
+    ctx = _ctx(model, size=48)  # large enough that the convs, not the call overhead, take the time
     cfg = AutoCompressConfig(ratios=(0.0, 0.75), budget={"latency": 0.95}, trials=3, ignore=("head",))
     outcome = ts.apply(model, cfg, ctx).record.outcomes[0]
     assert outcome.stats["feasible"] >= 1  # a trial measured within 0.95 of the original's latency
@@ -193,3 +195,43 @@ def test_bad_budgets_and_bit_settings_fail_clearly() -> None:
     with pytest.raises(ConfigError, match="smallest reached size"):
         ts.apply(model, AutoCompressConfig(ratios=(0.0,), bits=(8,), budget={"size": 0.05}, trials=1,
                                            targets=("type:Linear",)), _ctx(model))
+
+
+class _Normed(nn.Module):
+    """Conv-BatchNorm-ReLU blocks: cutting one conv's channels changes what the next BatchNorm sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(c_in, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+                                    for c_in in (3, 16, 16)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def test_candidates_and_the_result_get_batchnorm_statistics_of_the_calibration_data(
+        caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = _Normed().eval()
+    ctx = _ctx(model)
+    calib = ctx.calib_data[0] * 2 + 1  # type: ignore[index]  # statistics unlike the original's (0 and 1)
+    ctx = dataclasses.replace(ctx, calib_data=[calib])
+    cfg = AutoCompressConfig(ratios=(0.0, 0.5), budget={"flops": 0.7}, trials=4, targets=(r"re:body\.[01]\.0$",))
+    result = ts.apply(copy.deepcopy(model), cfg, ctx)
+    pruned = result.model
+    assert result.record.outcomes[0].stats["bn_batches"] == 1
+    with torch.no_grad():  # the last block's statistics are those of the calibration images through the pruned net
+        hidden = pruned.body[2][0](copy.deepcopy(pruned.body[:2]).train()(calib))  # normalized by batch statistics
+    torch.testing.assert_close(pruned.body[2][1].running_mean, hidden.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert not pruned.training and pruned.body[2][1].momentum == 0.1
+    # the score the search recorded is that of the returned model: it was judged with these statistics
+    assert result.record.outcomes[0].stats["best_score"] == pytest.approx(ctx.eval_fn(pruned)["fidelity"])  # type: ignore[misc]
+
+    kept = ts.apply(copy.deepcopy(model), dataclasses.replace(cfg, bn_batches=0), ctx).model
+    torch.testing.assert_close(kept.body[2][1].running_mean, model.body[2][1].running_mean)  # unpruned layer: as before
+    with caplog.at_level(logging.WARNING, logger="torchslim.nas.autocompress"):
+        ts.apply(copy.deepcopy(model), cfg, dataclasses.replace(ctx, calib_data=None))
+    assert "original BatchNorm statistics" in caplog.text
+    with pytest.raises(ConfigError, match="bn_batches must be >= 0"):
+        AutoCompressConfig(bn_batches=-1)

@@ -1,6 +1,7 @@
 """Core pieces shared by every technique: configs, registry, context, selectors, surgery."""
 
 from torchslim.core import structure, surgery
+from torchslim.core.batchnorm import recalibrate_batchnorm
 from torchslim.core.config import MethodConfig, check
 from torchslim.core.context import (
     Context,
@@ -36,6 +37,7 @@ __all__ = [
     "calibration_inputs",
     "first_batch_inputs",
     "take_batches",
+    "recalibrate_batchnorm",
     "to_device",
     "get_config_class",
     "is_trained",

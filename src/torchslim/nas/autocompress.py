@@ -14,7 +14,17 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchslim.core import Context, MethodConfig, Outcome, check, config_from_dict, register, select
+from torchslim.core import (
+    Context,
+    MethodConfig,
+    Outcome,
+    check,
+    config_from_dict,
+    register,
+    select,
+    take_batches,
+)
+from torchslim.core.batchnorm import batchnorms, recalibrate_batchnorm
 from torchslim.core.registry import get_config_class
 from torchslim.core.storage import serialized_size
 from torchslim.errors import ConfigError, DataError, RecipeError, UnsupportedModuleError
@@ -60,6 +70,11 @@ class AutoCompressConfig(MethodConfig):
         targets: Layers that get their own setting: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Layers left alone (and passed to the pruning method's ``ignore``).
         importance: The ``importance`` field passed to ``prune_method`` (empty: its default).
+        bn_batches: Calibration batches (``ctx.calib_data``, else ``train_data``) that give each
+            candidate, and the result, fresh BatchNorm statistics before it is judged (adaptive
+            BatchNorm as in EagleEye): a pruned layer feeds the next one fewer channels, the old
+            statistics no longer fit, and every candidate of a deep network can score near
+            chance. 0 keeps the original statistics. Models without BatchNorm skip it.
         group_by: A regular expression with one capture group: selected layers whose names
             give the same capture share one setting and are compressed in one call (e.g.
             ``features\\.(\\d+)\\.`` gives each MobileNetV2 block one ratio for its expansion
@@ -72,6 +87,7 @@ class AutoCompressConfig(MethodConfig):
           ratios: [0.0, 0.25, 0.5, 0.75]
           trials: 40
           ignore: ["classifier.3"]
+          bn_batches: 8          # fresh BatchNorm statistics for each candidate (default 4)
         - method: nas.autocompress   # pruning and bit widths under a file-size budget
           budget: {size: 0.1}
           ratios: [0.0, 0.25, 0.5]
@@ -90,7 +106,8 @@ class AutoCompressConfig(MethodConfig):
         single-thread calls (noisy on a busy machine; prefer ``flops`` or ``size`` there).
         Candidates are judged without fine-tuning, as AMC does; add a ``train`` block or a
         ``distillation.logits`` stage after it (clustered centroids stay trainable). Needs
-        ``ctx.eval_fn`` and ``ctx.example_inputs``; the per-layer settings chosen are listed
+        ``ctx.eval_fn`` and ``ctx.example_inputs``; without calibration data BatchNorm keeps its
+        statistics (a warning says so). The per-layer settings chosen are listed
         in the report.
     """
 
@@ -107,6 +124,7 @@ class AutoCompressConfig(MethodConfig):
     ignore: tuple[str, ...] = ()
     importance: str = "l2"
     group_by: str = ""
+    bn_batches: int = 4
 
     def __post_init__(self) -> None:
         check(len(self.ratios) >= 1 and all(0 <= r < 1 for r in self.ratios),
@@ -123,6 +141,7 @@ class AutoCompressConfig(MethodConfig):
         for key, share in self.budget.items():
             check(isinstance(share, int | float) and 0 < share <= 1,
                   f"{_NAME}: budget.{key} must be a share in (0, 1]; found {share!r}")
+        check(self.bn_batches >= 0, f"{_NAME}: bn_batches must be >= 0; found {self.bn_batches!r}")
         check(self.trials >= 1, f"{_NAME}: trials must be >= 1; found {self.trials!r}")
         check(self.strategy in STRATEGIES, f"{_NAME}: strategy must be one of {list(STRATEGIES)}; "
                                            f"found {self.strategy!r}")
@@ -248,6 +267,28 @@ def _smaller(choice: dict[str, Any], genes: Mapping[str, tuple[Any, ...]]) -> di
     return out
 
 
+def _bn_batches(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> list[Any]:
+    """The batches that give each candidate its BatchNorm statistics (none: keep the original ones)."""
+    if cfg.bn_batches == 0 or not batchnorms(model):
+        return []
+    if ctx.calib_data is None and ctx.train_data is None:
+        logger.warning("%s: no ctx.calib_data or train_data; candidates are judged with the original "
+                       "BatchNorm statistics (set bn_batches: 0 to silence this)", _NAME)
+        return []
+    batches = take_batches(ctx.calibration_batches(_NAME), cfg.bn_batches)
+    check(bool(batches), f"{_NAME}: the calibration data is empty; expected at least one batch for "
+                         f"BatchNorm statistics (or bn_batches: 0)")
+    return batches
+
+
+def _refresh(model: nn.Module, batches: list[Any]) -> None:
+    """BatchNorm statistics of ``batches`` (if any), keeping the model's training flag."""
+    if batches:
+        training = model.training
+        device = next((p.device for p in model.parameters()), "cpu")
+        recalibrate_batchnorm(model, batches, _NAME, device).train(training)
+
+
 def _split(choice: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
     """(ratio per unit, bit width per unit) of a trial's genes."""
     ratios = {k: float(v) for k, v in choice.items() if not k.endswith(_BITS)}
@@ -268,6 +309,7 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
     units = _units(found, cfg.group_by)
     keys = sorted(set(cfg.budget) | {"flops"})
     base = measure(model, x, keys)
+    calib = _bn_batches(model, cfg, ctx)
     genes: dict[str, tuple[Any, ...]] = {u: tuple(sorted(set(cfg.ratios))) for u in units}
     if cfg.bits:
         genes.update({u + _BITS: tuple(sorted(cfg.bits)) for u in units})
@@ -276,6 +318,7 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
         compressed = copy.deepcopy(model)
         ratios, bits = _split(choice)
         compress_layers(compressed, ratios, cfg, ctx, units, bits=bits)
+        _refresh(compressed, calib)
         return compressed, {k: v / base[k] for k, v in measure(compressed, x, keys).items()}
 
     def fits(shares: dict[str, float]) -> bool:
@@ -301,7 +344,7 @@ def apply(model: nn.Module, cfg: AutoCompressConfig, ctx: Context) -> Outcome:
         study.enqueue_trial(pick)
     started = time.perf_counter()
     study.optimize(objective, n_trials=max(cfg.trials, len(uniform)), catch=(Exception,))
-    return _finish(model, cfg, ctx, study, units, x, base, keys, time.perf_counter() - started)
+    return _finish(model, cfg, ctx, study, units, (x, calib), base, keys, time.perf_counter() - started)
 
 
 def _uniform(genes: Mapping[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
@@ -312,7 +355,8 @@ def _uniform(genes: Mapping[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
 
 
 def _finish(model: nn.Module, cfg: AutoCompressConfig, ctx: Context, study: Any, units: dict[str, list[str]],
-            x: Any, base: dict[str, float], keys: list[str], seconds: float) -> Outcome:
+            inputs: tuple[Any, list[Any]], base: dict[str, float], keys: list[str],
+            seconds: float) -> Outcome:
     """Compress ``model`` with the best trial's setting; the outcome with the search's statistics."""
     scores = {t.number: float(t.value) for t in study.trials
               if t.value is not None and math.isfinite(t.value)}
@@ -325,11 +369,13 @@ def _finish(model: nn.Module, cfg: AutoCompressConfig, ctx: Context, study: Any,
                           + " of the original (allow larger ratios, fewer bits or a larger budget)")
     best = max(done, key=lambda t: scores[t.number])
     ratios, bits = _split(best.user_attrs["choice"])
+    x, calib = inputs
     structure = compress_layers(model, ratios, cfg, ctx, units, bits=bits)
+    _refresh(model, calib)
     shares = {k: v / base[k] for k, v in measure(model, x, keys).items()}
     stats = {"trials": float(len(study.trials)), "feasible": float(len(done)),
              "best_score": scores[best.number], **{f"{k}_share": round(v, 4) for k, v in shares.items()},
-             "seconds": round(seconds, 1)}
+             "seconds": round(seconds, 1), "bn_batches": float(len(calib))}
     uniform = [t for t in done
                if all(len(set(part.values())) <= 1 for part in _split(t.user_attrs["choice"]))]
     if uniform:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.core import Context, check
-from torchslim.core.context import first_batch_inputs, take_batches, to_device
+from torchslim.core.batchnorm import recalibrate_batchnorm
+from torchslim.core.context import take_batches
 from torchslim.core.storage import load_state_dict_into, read_state_dict, save_state_dict
 from torchslim.nas.spaces import CNNArch, CNNBody, CNNSpace, SearchableCNN, build_cnn
 from torchslim.recipes.schema import TrainSpec
@@ -196,21 +197,9 @@ def _extract(supernet: CNNSupernet, arch: CNNArch) -> SearchableCNN:
     return model
 
 
-@torch.no_grad()
 def recalibrate(model: nn.Module, batches: list[Any], device: str = "cpu") -> nn.Module:
     """Replace every BatchNorm's running statistics by their average over ``batches``; eval mode."""
-    check(len(batches) > 0, "nas.search.one_shot: the calibration data is empty; expected at least one batch")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
-    model.train()
-    for batch in batches:
-        model(to_device(first_batch_inputs(batch), torch.device(device)))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
+    return recalibrate_batchnorm(model, batches, "nas.search.one_shot", device)
 
 
 def calibration(ctx: Context, spec: OneShot) -> list[Any]:

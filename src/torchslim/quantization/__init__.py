@@ -3,6 +3,7 @@
 from torchslim.quantization.awq import AWQConfig
 from torchslim.quantization.binary import BinaryQuantizationConfig
 from torchslim.quantization.dynamic import DynamicQuantizationConfig
+from torchslim.quantization.embedding import WeightOnlyEmbedding
 from torchslim.quantization.fixed import FixedPointConv2d, FixedPointLinear
 from torchslim.quantization.fixed_point import FixedPointConfig
 from torchslim.quantization.gptq import GPTQConfig
@@ -34,5 +35,6 @@ __all__ = [
     "TernaryLinear",
     "TernaryQuantizationConfig",
     "WeightOnlyConfig",
+    "WeightOnlyEmbedding",
     "WeightOnlyLinear",
 ]

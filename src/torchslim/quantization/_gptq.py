@@ -13,23 +13,56 @@ from __future__ import annotations
 import torch
 
 from torchslim.core.hessian import inverse_hessian_factor
-from torchslim.quantization.packed import quantize_groups
+from torchslim.quantization._clip import search_clip
+from torchslim.quantization.packed import dequantize_groups, quantize_groups
 
-__all__ = ["gptq_quantize"]
+__all__ = ["gptq_quantize", "output_error"]
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = True, damping: float = 0.01,
-                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (out, in) uint8, scales and zero points (out, in / group_size) for ``weight``."""
+                  block_size: int = 128,
+                  clip_shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (out, in) uint8, scales and zero points (out, in / group_size) for ``weight``; with
+    ``clip_shrink`` each group's range is shrunk where that lowers its own output error
+    (``search_clip``), and the layer keeps the clipped result only if the whole layer's output
+    error (``output_error``) is lower than with full ranges: the columns GPTQ updates later may
+    leave a clipped range, so a group-wise gain does not always carry over."""
+    plain = _gptq(weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                  damping=damping, block_size=block_size, clip_shrink=0.0)
+    if not clip_shrink:
+        return plain
+    clipped = _gptq(weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric,
+                    act_order=act_order, damping=damping, block_size=block_size, clip_shrink=clip_shrink)
+    return min(plain, clipped, key=lambda result: output_error(weight, hessian, *result))
+
+
+def output_error(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor) -> float:
+    """``tr(E H E^T)`` for the rounding error ``E`` of ``codes``: the layer's summed squared output
+    error over the calibration inputs (up to the Hessian's scale)."""
+    e = dequantize_groups(codes, scale, zero).double() - weight.detach().double()
+    return float(((e @ hessian.double()) * e).sum())
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+          act_order: bool, damping: float, block_size: int,
+          clip_shrink: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     n_in = w.shape[1]
-    _, scale, zero = quantize_groups(w, bits, group_size, symmetric)  # static groups
+
+    def grid(part: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip = search_clip(part, gram, bits=bits, group_size=group_size, symmetric=symmetric,
+                           shrink=clip_shrink) if clip_shrink else None
+        _, s, z = quantize_groups(part, bits, group_size, symmetric, clip)
+        return s, z
+
+    scale, zero = grid(w, h)  # static groups
     scale, zero = scale.double(), zero.double()
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in)
     w, h = w[:, perm], h[perm][:, perm]
@@ -42,8 +75,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % group_size == 0:  # dynamic groups follow the updated weight
-                _, s, z = quantize_groups(torch.cat([block[:, i:], w[:, i2:]], 1)[:, :group_size],
-                                          bits, group_size, symmetric)
+                s, z = grid(torch.cat([block[:, i:], w[:, i2:]], 1)[:, :group_size],
+                            h[i1 + i:i1 + i + group_size, i1 + i:i1 + i + group_size])
                 scale[:, col // group_size], zero[:, col // group_size] = s[:, 0].double(), z[:, 0].double()
             g = col // group_size
             q = torch.clamp(torch.round(block[:, i] / scale[:, g]) + zero[:, g], 0, top)

@@ -11,8 +11,16 @@ from torch import nn
 
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, layerwise
+from torchslim.quantization._clip import search_clip
+from torchslim.quantization.embedding import quantize_embeddings
 from torchslim.quantization.packed import WeightOnlyLinear, dequantize_groups, quantize_groups
-from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
+from torchslim.quantization.weight_only import (
+    check_bits_and_group,
+    embedding_plan,
+    group_size_for,
+    quantizable_linears,
+    weight_only_outcome,
+)
 
 __all__ = ["AWQConfig", "InputSample", "apply", "awq_search"]
 
@@ -33,14 +41,21 @@ class AWQConfig(MethodConfig):
         symmetric: Zero point fixed at the middle code; False fits each group's range.
         grid: Exponents ``alpha`` tried in [0, 1] for the column scales ``s = mean|x|^alpha``.
         sample_rows: Input rows (tokens) per layer kept to score each ``alpha``.
+        clip_shrink: After the scales, each group's range may shrink by up to this fraction
+            (AWQ's clip search): 20 factors from 1 down to ``1 - clip_shrink`` are tried per row
+            and group, the one with the least output error on the sampled inputs is kept; 0:
+            full min..max ranges.
         batches: Calibration batches read from ``ctx.calib_data``.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
+        embedding_bits: Also round every ``nn.Embedding`` table (and a tied ``lm_head``) to
+            packed codes of this width, as ``quantization.weight_only`` does; 0 keeps them float.
 
     Recipe:
         - method: quantization.awq
           bits: 4
           group_size: 64
+          clip_shrink: 0.2
 
     Notes:
         Per layer, the ``alpha`` with the smallest output error on the sampled calibration
@@ -58,14 +73,18 @@ class AWQConfig(MethodConfig):
     symmetric: bool = False
     grid: int = 20
     sample_rows: int = 1024
+    clip_shrink: float = 0.0
     batches: int = 128
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
+    embedding_bits: int = 0
 
     def __post_init__(self) -> None:
-        check_bits_and_group(_NAME, self.bits, self.group_size)
+        check_bits_and_group(_NAME, self.bits, self.group_size, self.embedding_bits)
         check(self.grid >= 1 and self.sample_rows >= 1 and self.batches >= 1,
               f"{_NAME}: grid, sample_rows and batches must be >= 1")
+        check(0 <= self.clip_shrink < 1,
+              f"{_NAME}: clip_shrink must be in [0, 1); found {self.clip_shrink!r}")
 
 
 class InputSample:
@@ -109,9 +128,16 @@ def awq_search(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, *,
 def _quantize_layer(module: nn.Module, stat: InputSample, cfg: AWQConfig,
                     group: int) -> tuple[WeightOnlyLinear, float]:
     assert isinstance(module, nn.Linear)
-    s, alpha = awq_search(module.weight, stat.abs_sum / stat.count, stat.sample(), bits=cfg.bits,
+    x = stat.sample()
+    s, alpha = awq_search(module.weight, stat.abs_sum / stat.count, x, bits=cfg.bits,
                           group_size=group, symmetric=cfg.symmetric, grid=cfg.grid)
-    codes, scale, zero = quantize_groups(module.weight.detach() * s, cfg.bits, group, cfg.symmetric)
+    scaled = module.weight.detach().float() * s
+    clip = None
+    if cfg.clip_shrink:
+        x = x / s  # the scaled weight meets the inputs divided by s
+        clip = search_clip(scaled, x.T @ x, bits=cfg.bits, group_size=group, symmetric=cfg.symmetric,
+                           shrink=cfg.clip_shrink)
+    codes, scale, zero = quantize_groups(scaled, cfg.bits, group, cfg.symmetric, clip)
     layer = WeightOnlyLinear.from_codes(codes, scale, zero, cfg.bits, module.bias, s)
     return layer.to(module.weight.device).train(module.training), alpha
 
@@ -119,7 +145,8 @@ def _quantize_layer(module: nn.Module, stat: InputSample, cfg: AWQConfig,
 @register(AWQConfig)
 def apply(model: nn.Module, cfg: AWQConfig, ctx: Context) -> Outcome:
     """Search column scales per layer on calibration inputs, then round to packed codes."""
-    layers = quantizable_linears(model, cfg.targets, cfg.ignore, _NAME)
+    tables = embedding_plan(model, cfg.embedding_bits, cfg.group_size, _NAME)
+    layers = quantizable_linears(model, cfg.targets, cfg.ignore, _NAME, tables)
     groups = {f: group_size_for(f, m.in_features, cfg.group_size, _NAME) for f, m in layers.items()}
     alphas: dict[str, float] = {}
 
@@ -139,7 +166,6 @@ def apply(model: nn.Module, cfg: AWQConfig, ctx: Context) -> Outcome:
         if outside:
             logger.warning("%s: %d selected layer(s) outside the repeated blocks stay float: %s",
                            _NAME, len(outside), ", ".join(outside))
-    done = tuple(alphas)
-    return Outcome(model=model, touched=done, structure={f: {} for f in done},
-                   stats={"bits": cfg.bits, "group_size": cfg.group_size, "layers": len(done)},
-                   layers={f: {"bits": cfg.bits, "group_size": groups[f], "alpha": alphas[f]} for f in done})
+    return weight_only_outcome(model, cfg.bits, cfg.group_size, {f: groups[f] for f in alphas},
+                               quantize_embeddings(model, tables, cfg.embedding_bits, cfg.symmetric),
+                               {f: {"alpha": a} for f, a in alphas.items()})

@@ -13,8 +13,15 @@ from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, c
 from torchslim.core.layerwise import BlockStep, InputGram, layerwise
 from torchslim.errors import DataError
 from torchslim.quantization._gptq import gptq_quantize
+from torchslim.quantization.embedding import quantize_embeddings
 from torchslim.quantization.packed import WeightOnlyLinear
-from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
+from torchslim.quantization.weight_only import (
+    check_bits_and_group,
+    embedding_plan,
+    group_size_for,
+    quantizable_linears,
+    weight_only_outcome,
+)
 
 __all__ = ["GPTQConfig", "apply", "gptq_layers"]
 
@@ -37,15 +44,22 @@ class GPTQConfig(MethodConfig):
             group scales fixed beforehand from the original weight (static groups).
         damping: Added to the Hessian's diagonal, relative to its mean.
         block_size: Columns quantized together before the rest are updated (speed only).
+        clip_shrink: Largest fraction by which a group's range may shrink: 20 factors from 1
+            down to ``1 - clip_shrink`` are tried per row and group, and the one with the least
+            output error on the calibration inputs (``e H_gg e^T`` over the group's block of the
+            Hessian) sets the group's scale; 0 keeps each group's full min..max range.
         batches: Calibration batches read from ``ctx.calib_data``.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
+        embedding_bits: Also round every ``nn.Embedding`` table (and a tied ``lm_head``) to
+            packed codes of this width, as ``quantization.weight_only`` does; 0 keeps them float.
 
     Recipe:
         - method: quantization.gptq
           bits: 4
           group_size: 64
           act_order: true
+          clip_shrink: 0.2      # search each group's clipping range
 
     Notes:
         Calibration runs block by block (``torchslim.core.layerwise``): each decoder layer's
@@ -64,12 +78,16 @@ class GPTQConfig(MethodConfig):
     act_order: bool = True
     damping: float = 0.01
     block_size: int = 128
+    clip_shrink: float = 0.0
     batches: int = 128
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
+    embedding_bits: int = 0
 
     def __post_init__(self) -> None:
-        check_bits_and_group(_NAME, self.bits, self.group_size)
+        check_bits_and_group(_NAME, self.bits, self.group_size, self.embedding_bits)
+        check(0 <= self.clip_shrink < 1,
+              f"{_NAME}: clip_shrink must be in [0, 1); found {self.clip_shrink!r}")
         check(self.damping >= 0, f"{_NAME}: damping must be >= 0; found {self.damping!r}")
         check(self.block_size >= 1 and self.batches >= 1,
               f"{_NAME}: block_size and batches must be >= 1; found {self.block_size}, {self.batches}")
@@ -84,16 +102,17 @@ def _gram(fqn: str, module: nn.Module) -> InputGram:
 @register(GPTQConfig)
 def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> Outcome:
     """Quantize every selected Linear with GPTQ, one block of the model at a time."""
-    layers = quantizable_linears(model, cfg.targets, cfg.ignore, _NAME)
+    tables = embedding_plan(model, cfg.embedding_bits, cfg.group_size, _NAME)
+    layers = quantizable_linears(model, cfg.targets, cfg.ignore, _NAME, tables)
     groups = {fqn: group_size_for(fqn, m.in_features, cfg.group_size, _NAME) for fqn, m in layers.items()}
-    if not layers:
-        logger.warning("%s: no selected plain nn.Linear with an untied weight; nothing to do", _NAME)
-        return Outcome(model=model)
-    done = gptq_layers(model, layers, {f: cfg.bits for f in layers}, groups, cfg,
-                       calibration_inputs(ctx, cfg.batches, _NAME), _NAME)
-    return Outcome(model=model, touched=done, structure={f: {} for f in done},
-                   stats={"bits": cfg.bits, "group_size": cfg.group_size, "layers": len(done)},
-                   layers={f: {"bits": cfg.bits, "group_size": groups[f]} for f in done})
+    done: tuple[str, ...] = ()
+    if layers:
+        done = gptq_layers(model, layers, {f: cfg.bits for f in layers}, groups, cfg,
+                           calibration_inputs(ctx, cfg.batches, _NAME), _NAME)
+    else:
+        logger.warning("%s: no selected plain nn.Linear with an untied weight; no GPTQ", _NAME)
+    return weight_only_outcome(model, cfg.bits, cfg.group_size, {f: groups[f] for f in done},
+                               quantize_embeddings(model, tables, cfg.embedding_bits, cfg.symmetric))
 
 
 def gptq_layers(model: nn.Module, layers: dict[str, nn.Linear], bits: dict[str, int], groups: dict[str, int],
@@ -114,7 +133,8 @@ def gptq_layers(model: nn.Module, layers: dict[str, nn.Linear], bits: dict[str, 
             assert isinstance(module, nn.Linear)
             codes, scale, zero = gptq_quantize(module.weight, hessian, bits=bits[fqn], group_size=groups[fqn],
                                                symmetric=cfg.symmetric, act_order=cfg.act_order,
-                                               damping=cfg.damping, block_size=cfg.block_size)
+                                               damping=cfg.damping, block_size=cfg.block_size,
+                                               clip_shrink=cfg.clip_shrink)
             made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, bits[fqn], module.bias).to(
                 module.weight.device).train(module.training)
         done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
