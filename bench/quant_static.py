@@ -99,8 +99,9 @@ def _bench(label: str, fp32: nn.Module, ours: nn.Module, calib: list[torch.Tenso
     tmp = Path(tempfile.mkdtemp())
     x1 = images[:1]
     export_onnx(fp32, x1, tmp / "fp32.onnx")
-    export_onnx(ours, x1, tmp / "ours.onnx", min_cosine=0.99)
-    export_onnx(qat, x1, tmp / "qat.onnx", min_cosine=0.99)
+    # a sanity check that each file computes its model (one image); the agreement line measures how closely
+    export_onnx(ours, x1, tmp / "ours.onnx", min_cosine=0.95)
+    export_onnx(qat, x1, tmp / "qat.onnx", min_cosine=0.95)
     _peer_quantize(tmp / "fp32.onnx", tmp / "peer.onnx", calib)
     sessions = {n: _session(tmp / f"{n}.onnx") for n in ("fp32", "ours", "peer", "qat")}
     logits = {"fp32 torch": _torch_logits(fp32, images),
@@ -151,9 +152,9 @@ def _bench(label: str, fp32: nn.Module, ours: nn.Module, calib: list[torch.Tenso
               f"{ms['onnxruntime quantize_static int8'] / ms['torchslim int8 onnxruntime']:.2f}x "
               "(> 1 means ours is faster).", "",
               f"Graphs as ONNX Runtime runs them: ours {graphs['ours']}; peer {graphs['peer']}."
-              + (" The peer also rounds every residual sum to a grid of its own; torchslim's PyTorch reference "
-                 "adds in float (except where the add's inputs are both int8 grids), so those adds stay float "
-                 "between Dequantize/Quantize nodes." if graphs["ours"] != graphs["peer"] else ""), "",
+              + " torchslim rounds a residual sum to the grid of the layer reading it (`round_outputs`), as "
+                "the peer rounds every sum to a grid of its own; a sum that only a float op reads stays float.",
+              "",
               f"Accuracy drop (target <= 0.5): PTQ {acc['fp32 torch'] - acc['torchslim int8 onnxruntime']:+.2f} "
               f"against fp32; QAT {acc['fp32 fine-tuned like QAT (control)'] - acc['torchslim QAT int8 onnxruntime']:+.2f} "
               f"against the fp32 control fine-tuned the same way ({qat_note}), "
@@ -183,7 +184,8 @@ def main() -> None:
     torch.manual_seed(0)
     lines = ["# Static int8: torchslim vs ONNX Runtime quantize_static (same run)", "",
              "Calibration: the same 256 training images (8 batches of 32) for both tools; torchslim uses its "
-             "default `mse` observer and `bias_correction: true` (the row without it is given too), ONNX "
+             "default `mse` observer, `bias_correction: true` (the row without it is given too) and rounds "
+             "residual sums (`round_outputs`, the default), ONNX "
              "Runtime its default MinMax, both per-channel int8 weights "
              "and uint8 activations in QDQ format. Latency: batch 1, median of per-round medians over "
              f"{args.rounds} alternating rounds of 30 calls.", ""]

@@ -292,3 +292,76 @@ def test_qat_trains_and_converts_to_the_same_arithmetic(estimator: str) -> None:
         agree_ptq = (ptq(x).argmax(1) == data[0][1]).float().mean()
     assert agree_qat >= agree_ptq, (float(agree_qat), float(agree_ptq))
     del history
+
+
+class _InvertedBlock(nn.Module):
+    """A MobileNetV2-style residual block: the sum leaves the block and feeds the next one twice."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(2 * width, width, 1, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.expand(x))
+
+
+class _ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.blocks = nn.Sequential(_InvertedBlock(8), _InvertedBlock(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def test_residual_sums_are_rounded_once_and_run_as_uint8_adds(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.export import load, save
+    from torchslim.export.onnx import OnnxModule, export_onnx
+    from torchslim.quantization import RoundedOutput
+
+    model = _ResidualNet().eval()
+    ctx = _ctx()
+    result = ts.compress(copy.deepcopy(model), Recipe.single(PTQConfig(bias_correction=True)), ctx)
+    q = result.model
+    assert result.record.outcomes[0].stats["rounded_outputs"] == 1  # block 0's sum feeds block 1
+    wrapped = q.blocks[0]
+    assert isinstance(wrapped, RoundedOutput) and not isinstance(q.blocks[1], RoundedOutput)  # 1 feeds the head
+    reader = q.blocks[1].expand[0]
+    assert not reader.quantize_input and float(reader.input_scale) == float(wrapped.scale)
+    x = _batches(1)[0]
+    with torch.no_grad():
+        ours = q(x)
+        sums = wrapped(q.stem(x))  # the sum itself lies on the grid the next block reads
+        codes = sums / wrapped.scale + wrapped.zero_point.float()
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+        assert torch.nn.functional.cosine_similarity(ours, model(x)).min() > 0.98
+    save(result, tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "run", _ResidualNet)(x), ours, rtol=0, atol=0)
+    export_onnx(q, x[:2], tmp_path / "m.onnx")
+    ops = _ort_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count("QLinearAdd") == 1 and ops.count("Add") == 1, ops  # block 1's sum: the head's float input
+    theirs = OnnxModule(tmp_path / "m.onnx")(x)
+    assert torch.nn.functional.cosine_similarity(theirs, ours).min() > 0.99
+    plain = ts.apply(copy.deepcopy(model), PTQConfig(round_outputs=False), ctx).model
+    assert not any(isinstance(m, RoundedOutput) for m in plain.modules())
+    export_onnx(plain, x[:2], tmp_path / "plain.onnx")
+    ops = _ort_ops(tmp_path / "plain.onnx", tmp_path)
+    assert "QLinearAdd" not in ops and ops.count("Add") == 2, ops  # both sums stay float
+
+
+def test_a_wrap_op_naming_a_module_that_wraps_nothing_is_refused() -> None:
+    from torchslim.core.structure import replay
+    from torchslim.errors import OutputError
+
+    ops = [{"fqn": "blocks.0", "wrap": {"cls": "Identity", "kwargs": {}}}]
+    with pytest.raises(OutputError, match=r"ops\[0\]: 'Identity' is not a wrapper module"):
+        replay(_ResidualNet(), ops)
+    ops = [{"fqn": "blocks.0", "wrap": {"cls": "torchslim:RoundedOutput", "kwargs": {"activation_bits": 99}}}]
+    with pytest.raises(OutputError, match="activation_bits must be an integer in 2..8, found 99"):
+        replay(_ResidualNet(), ops)

@@ -93,6 +93,9 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
     of those tensors so ``replay`` can resize them (channels cut from any module type).
     ``"tie": [fqns]`` makes those modules share ``fqn``'s parameters (see ``tie_modules``); with
     ``"keep_module": True`` and nothing else to record, only the tie is recorded (no swap).
+    ``{"wrap": True}`` records a wrapper module (a rebuildable class with ``wraps_inner`` and an
+    ``inner`` child) placed around the module that was at ``fqn``: ``replay`` builds the wrapper
+    and moves the base model's module into it, so the wrapped class need not be rebuildable.
     ``"config": {name: int}`` on the root fqn ``""`` records Hugging Face config sizes the
     change set (``hidden_size`` after the residual stream was cut; see ``set_config``).
     Parents come before children; fqns that no longer exist are dropped; ties come last, after
@@ -114,6 +117,9 @@ def capture(model: nn.Module, changes: dict[str, dict[str, Any]]) -> list[dict[s
                 last.append({"fqn": fqn, "tie": tied})
             if changes[fqn].get("keep_module", False) and not changes[fqn].keys() & {"attrs", "params"}:
                 continue
+        if changes[fqn].get("wrap", False):
+            ops.append({"fqn": fqn, "wrap": module_spec(present[fqn])})
+            continue
         if "keep" in changes[fqn]:
             kept: dict[str, Any] = {"fqn": fqn, "keep": [int(i) for i in changes[fqn]["keep"]]}
             ops.append(kept)
@@ -193,6 +199,14 @@ def replay(model: nn.Module, ops: Any) -> nn.Module:
             raise OutputError(f"{where}: the model has no module {parent_fqn!r}") from exc
         if not isinstance(getattr(parent, child, None), nn.Module):
             raise OutputError(f"{where}: the model has no module {fqn!r} (built from another base model?)")
+        if "wrap" in op:
+            wrapper = _build(op["wrap"], where)
+            if not getattr(wrapper, "wraps_inner", False):
+                raise OutputError(f"{where}: {op['wrap'].get('cls')!r} is not a wrapper module; 'wrap' "
+                                  "expects one (e.g. torchslim:RoundedOutput)")
+            wrapper.inner = getattr(parent, child)
+            setattr(parent, child, wrapper)
+            continue
         if "module" in op:
             setattr(parent, child, _build(op["module"], where))
         _resize(getattr(parent, child), op.get("shapes", {}), where)

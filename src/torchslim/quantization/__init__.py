@@ -12,7 +12,7 @@ from torchslim.quantization.mixed import MixedPrecisionConfig
 from torchslim.quantization.packed import WeightOnlyLinear
 from torchslim.quantization.ptq import PTQConfig
 from torchslim.quantization.qat import QATConfig
-from torchslim.quantization.static_modules import QDQConv2d, QDQLinear
+from torchslim.quantization.static_modules import QDQConv2d, QDQLinear, RoundedOutput
 from torchslim.quantization.ternary import TernaryQuantizationConfig
 from torchslim.quantization.weight_only import WeightOnlyConfig
 
@@ -31,6 +31,7 @@ __all__ = [
     "QATConfig",
     "QDQConv2d",
     "QDQLinear",
+    "RoundedOutput",
     "TernaryConv2d",
     "TernaryLinear",
     "TernaryQuantizationConfig",

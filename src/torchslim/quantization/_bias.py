@@ -32,14 +32,16 @@ def _channel_mean(y: torch.Tensor, conv: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def correct_biases(quantized: nn.Module, reference: nn.Module, layers: list[str], batches: list[Any]) -> None:
+def correct_biases(quantized: nn.Module, reference: nn.Module, layers: list[str], batches: list[Any],
+                   names: dict[str, str] | None = None) -> None:
     """Shift the int32 bias of each of ``layers`` (QDQ layers of ``quantized``, in execution
     order) so its mean pre-activation over ``batches`` equals that of the same-named float
-    layer of ``reference`` (a model of ``FusedFloat`` layers with the same names)."""
+    layer of ``reference`` (a model of ``FusedFloat`` layers); ``names`` maps a layer's name in
+    ``reference`` to its name in ``quantized`` where they differ (a wrapper moved it)."""
     targets = _float_means(reference, layers, batches)
     limit = 2.0**31 - 1
     for fqn in layers:
-        layer = quantized.get_submodule(fqn)
+        layer = quantized.get_submodule((names or {}).get(fqn, fqn))
         assert isinstance(layer, QDQConv2d | QDQLinear)
         mean = _int8_mean(quantized, layer, batches)
         if mean is None or fqn not in targets:

@@ -20,9 +20,9 @@ from torchslim.errors import UnsupportedModuleError
 from torchslim.quantization.fusion import Fusion, find_fusions, fold_batchnorm
 from torchslim.quantization.observers import Observer, choose_range
 from torchslim.quantization.qdq import act_qparams
-from torchslim.quantization.static_modules import QDQConv2d, QDQLinear, QuantGrid
+from torchslim.quantization.static_modules import QDQConv2d, QDQLinear, QuantGrid, RoundedOutput
 
-__all__ = ["Calibration", "FusedFloat", "calibrate", "fuse", "to_qdq"]
+__all__ = ["Calibration", "FusedFloat", "calibrate", "fuse", "renamed", "round_module_outputs", "to_qdq"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,14 @@ class Calibration:
     outputs: dict[str, QuantGrid]
     quantize_input: dict[str, bool]
     quantize_output: dict[str, bool]
-    sources: dict[str, str]  # layer -> the layer whose output grid its input reuses
+    sources: dict[str, str]  # layer -> the layer (or rounded module) whose output grid its input reuses
+    rounded: dict[str, QuantGrid] = dataclasses.field(default_factory=dict)  # module -> its output grid
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], observer: str,
-              bits: int, percentile: float, device: torch.device | None = None) -> Calibration:
+              bits: int, percentile: float, device: torch.device | None = None,
+              round_outputs: bool = False) -> Calibration:
     """Observe every fused layer's input and output over ``batches``; choose their grids.
 
     A layer whose input is exactly another fused layer's output (the same tensor) reuses that
@@ -92,7 +94,10 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     values of the layer that ran just before it (max-pooling, flattening) reuses that grid too
     and rounds its input to it, which changes nothing in PyTorch and lets the exported graph
     stay in uint8 across those ops (``export.qdq_graph``). A layer whose output is the
-    model's output keeps it in float. Two passes when the observer needs a histogram.
+    model's output keeps it in float. With ``round_outputs``, a layer whose input is the output
+    of another module (a residual block's sum) has that module's output rounded to the layer's
+    input grid (``Calibration.rounded``, applied by ``round_module_outputs``), so every reader of
+    the sum sees the same int8 values. Two passes when the observer needs a histogram.
     """
     layers = {fqn: model.get_submodule(fqn) for fqn in fusions}
     obs_in = {fqn: Observer() for fqn in layers}
@@ -102,20 +107,30 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     picks_from: dict[str, str] = {}  # layer -> the layer just before it whose values its input picks
     last: list[tuple[str, torch.Tensor]] = []  # the latest layer to run on the first batch, its output
     keep: list[torch.Tensor] = []  # holds the first batch's tensors so their ids stay unique
+    made_by: dict[int, str] = {}  # first batch: output tensor id -> the innermost other module returning it
+    others = _other_modules(model, layers) if round_outputs else {}
+
+    def made(fqn: str, y: Any) -> None:
+        if isinstance(y, torch.Tensor) and id(y) not in made_by:
+            keep.append(y)
+            made_by[id(y)] = fqn
 
     def run(pass_: str) -> None:
         for i, batch in enumerate(batches):
             first = i == 0
-            with _hooks(layers, lambda fqn, x, y, first=first: see(fqn, x, y, pass_, first)):
+            with _hooks(layers, lambda fqn, x, y, first=first: see(fqn, x, y, pass_, first)), \
+                    _output_hooks(others if pass_ == "range" and first else {}, made):
                 args, kwargs = model_call(model, to_device(batch, device) if device is not None else batch)
                 out = model(*args, **kwargs)
             if pass_ == "range" and i == 0:
-                outputs = {id(t) for t in _flat(out)}
+                final_ids.update(id(t) for t in _flat(out))
                 for fqn in layers:
-                    finals[fqn] = id_out[fqn] in outputs
+                    finals[fqn] = id_out[fqn] in final_ids
 
     id_out: dict[str, int] = {}
+    id_in: dict[str, int] = {}
     finals: dict[str, bool] = {}
+    final_ids: set[int] = set()
 
     def see(fqn: str, x: torch.Tensor, y: torch.Tensor, pass_: str, first: bool) -> None:
         if pass_ == "range":
@@ -124,6 +139,7 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             if first:
                 keep.extend((x, y))
                 fed_by[fqn] = producer.get(id(x))
+                id_in[fqn] = id(x)
                 if fed_by[fqn] is None and last and _picks_values(x, last[0][1]):
                     picks_from[fqn] = last[0][0]
                 producer[id(y)] = fqn
@@ -141,6 +157,9 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             run("values")
     finally:
         model.train(model_training)
+    wrapped = {fqn: made_by[id_in[fqn]] for fqn in layers
+               if fed_by.get(fqn) is None and fqn not in picks_from and id_in.get(fqn) in made_by
+               and id_in[fqn] not in final_ids}
     keep.clear()
     missing = [f for f in layers if obs_in[f].hi < obs_in[f].lo]
     if missing:
@@ -156,10 +175,17 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             hi = min(hi, 6.0)
         outputs[fqn] = QuantGrid(*act_qparams(lo, hi, bits), qmax=(1 << bits) - 1)
     inputs, quantize_input, sources = {}, {}, {}
+    rounded: dict[str, QuantGrid] = {}
     for fqn in layers:
         source = fed_by.get(fqn)
         picked = picks_from.get(fqn)
-        if source is not None and not finals[source]:
+        if fqn in wrapped:  # the producing module rounds its output to this layer's input grid
+            module = wrapped[fqn]
+            if module not in rounded:
+                lo, hi = choose_range(obs_in[fqn], observer, bits, percentile)
+                rounded[module] = QuantGrid(*act_qparams(lo, hi, bits), qmax=(1 << bits) - 1)
+            inputs[fqn], quantize_input[fqn], sources[fqn] = rounded[module], False, module
+        elif source is not None and not finals[source]:
             inputs[fqn], quantize_input[fqn], sources[fqn] = outputs[source], False, source
         elif picked is not None and not finals[picked]:
             inputs[fqn], quantize_input[fqn], sources[fqn] = outputs[picked], True, picked
@@ -167,7 +193,32 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             lo, hi = choose_range(obs_in[fqn], observer, bits, percentile)
             grid = QuantGrid(*act_qparams(lo, hi, bits), qmax=(1 << bits) - 1)
             inputs[fqn], quantize_input[fqn] = grid, True
-    return Calibration(inputs, outputs, quantize_input, {f: not finals[f] for f in layers}, sources)
+    return Calibration(inputs, outputs, quantize_input, {f: not finals[f] for f in layers}, sources, rounded)
+
+
+def round_module_outputs(model: nn.Module, cal: Calibration, activation_bits: int) -> dict[str, str]:
+    """Wrap each module of ``cal.rounded`` in a ``RoundedOutput`` (deepest first); returns the
+    renames ``old prefix -> new prefix`` (``m.`` -> ``m.inner.``) in the order they apply."""
+    renames = {}
+    for fqn in sorted(cal.rounded, key=lambda f: -f.count(".")):
+        module = model.get_submodule(fqn)
+        _set(model, fqn, RoundedOutput.around(module, cal.rounded[fqn], activation_bits))
+        renames[f"{fqn}."] = f"{fqn}.inner."
+    return renames
+
+
+def renamed(fqn: str, renames: dict[str, str]) -> str:
+    """``fqn`` after ``round_module_outputs``' wrappers moved it."""
+    for old, new in renames.items():
+        if fqn.startswith(old):
+            fqn = new + fqn[len(old):]
+    return fqn
+
+
+def _other_modules(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Modules that are neither the root, a fused layer nor inside one."""
+    inside = tuple(f"{f}." for f in layers)
+    return {f: m for f, m in model.named_modules() if f and f not in layers and not f.startswith(inside)}
 
 
 def to_qdq(model: nn.Module, fusions: dict[str, Fusion], cal: Calibration, weight_bits: int,
@@ -194,6 +245,18 @@ def to_qdq(model: nn.Module, fusions: dict[str, Fusion], cal: Calibration, weigh
 def _hooks(layers: dict[str, nn.Module], see: Any) -> Iterator[None]:
     handles = [m.register_forward_hook(lambda _m, args, out, fqn=fqn: see(fqn, args[0], out))
                for fqn, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _output_hooks(modules: dict[str, nn.Module], see: Any) -> Iterator[None]:
+    """Call ``see(fqn, output)`` after each of ``modules`` runs."""
+    handles = [m.register_forward_hook(lambda _m, _args, out, fqn=fqn: see(fqn, out))
+               for fqn, m in modules.items()]
     try:
         yield
     finally:

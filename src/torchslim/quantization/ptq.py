@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register
 from torchslim.quantization._bias import correct_biases
-from torchslim.quantization._static import calibrate, fuse, to_qdq
+from torchslim.quantization._static import calibrate, fuse, renamed, round_module_outputs, to_qdq
 from torchslim.quantization.observers import OBSERVERS
 
 __all__ = ["PTQConfig", "apply", "check_static_bits"]
@@ -51,6 +51,13 @@ class PTQConfig(MethodConfig):
             et al. 2019, measured means). Costs a float copy of the model and one pass over
             the calibration data per layer (each stopped at that layer); see
             docs/benchmarks/quantization-static.md for what it recovers.
+        round_outputs: A layer whose input is the output of another module (a residual
+            block's sum, as in MobileNetV2 and ResNet) gets that module wrapped in a
+            ``RoundedOutput``: the sum is rounded once to the layer's input grid and every
+            reader, the next residual add included, uses those int8 values. ONNX Runtime then
+            runs the adds as ``QLinearAdd`` in uint8 instead of float between Dequantize and
+            Quantize nodes (ONNX Runtime's own ``quantize_static`` does the same). False keeps
+            the sums float and rounds them only where a layer reads them.
 
     Recipe:
         - method: quantization.ptq
@@ -58,6 +65,7 @@ class PTQConfig(MethodConfig):
           activation_bits: 8
           observer: mse
           bias_correction: true
+          round_outputs: true   # residual sums in uint8 (the default)
 
     Notes:
         Each selected ``Conv2d`` / ``Linear`` whose output goes straight into a BatchNorm and a
@@ -84,6 +92,7 @@ class PTQConfig(MethodConfig):
     targets: tuple[str, ...] = ("type:Conv2d", "type:Linear")
     ignore: tuple[str, ...] = ()
     bias_correction: bool = False
+    round_outputs: bool = True
 
     def __post_init__(self) -> None:
         check_static_bits(_NAME, self.weight_bits, self.activation_bits)
@@ -99,18 +108,25 @@ def apply(model: nn.Module, cfg: PTQConfig, ctx: Context) -> Outcome:
     """Fuse, calibrate on ``ctx.calib_data`` and swap the layers for their QDQ forms."""
     batches = calibration_inputs(ctx, cfg.batches, _NAME)
     fusions = fuse(model, cfg.targets, cfg.ignore, _NAME)
-    cal = calibrate(model, fusions, batches, cfg.observer, cfg.activation_bits, cfg.percentile)
+    cal = calibrate(model, fusions, batches, cfg.observer, cfg.activation_bits, cfg.percentile,
+                    round_outputs=cfg.round_outputs)
     reference = copy.deepcopy(model).eval() if cfg.bias_correction else None  # the fused float model
     replaced = to_qdq(model, fusions, cal, cfg.weight_bits, cfg.activation_bits)
+    renames = round_module_outputs(model, cal, cfg.activation_bits)
     if reference is not None:
         training = model.training
-        correct_biases(model.eval(), reference, list(fusions), batches)
+        names = {f: renamed(f, renames) for f in fusions}
+        correct_biases(model.eval(), reference, list(fusions), batches, names)
         model.train(training)
-    absorbed = [f for fusion in fusions.values() for f in fusion.absorbed()]
+    replaced = tuple(renamed(f, renames) for f in replaced)
+    absorbed = [renamed(f, renames) for fusion in fusions.values() for f in fusion.absorbed()]
+    structure: dict[str, dict[str, Any]] = {f: {"wrap": True} for f in cal.rounded}
+    structure.update({f: {} for f in (*replaced, *absorbed)})
     return Outcome(
-        model=model, touched=replaced, structure={f: {} for f in (*replaced, *absorbed)},
+        model=model, touched=(*replaced, *cal.rounded), structure=structure,
         stats={"layers": len(replaced), "fused_batchnorms": sum(f.norm is not None for f in fusions.values()),
                "fused_activations": sum(f.activation != "none" for f in fusions.values()),
-               "bias_corrected": len(fusions) if cfg.bias_correction else 0},
-        layers={f: {"input_scale": round(cal.inputs[f].scale, 6),
-                    "output_scale": round(cal.outputs[f].scale, 6)} for f in replaced})
+               "bias_corrected": len(fusions) if cfg.bias_correction else 0,
+               "rounded_outputs": len(cal.rounded)},
+        layers={renamed(f, renames): {"input_scale": round(cal.inputs[f].scale, 6),
+                                      "output_scale": round(cal.outputs[f].scale, 6)} for f in fusions})

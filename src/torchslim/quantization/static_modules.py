@@ -18,7 +18,7 @@ from torch import nn
 from torchslim.core.structure import rebuildable
 from torchslim.quantization.qdq import dequantize_channels, quantize_dequantize
 
-__all__ = ["ACTIVATIONS", "QDQConv2d", "QDQLinear", "QuantGrid"]
+__all__ = ["ACTIVATIONS", "QDQConv2d", "QDQLinear", "QuantGrid", "RoundedOutput"]
 
 ACTIVATIONS = ("none", "relu", "relu6")
 
@@ -193,6 +193,48 @@ class QDQLinear(_QDQ):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
+
+
+@rebuildable
+class RoundedOutput(nn.Module):
+    """Wraps a module (a residual block) and rounds its output to a uint8 grid, so every consumer
+    of the output (the next block's first layer and its residual add) reads the same int8 values.
+
+    In an exported QDQ graph the block's ``Add`` then sits between DequantizeLinear inputs and a
+    QuantizeLinear output, which ONNX Runtime runs as ``QLinearAdd`` in uint8; without it the add
+    and everything reading its float output stay float.
+    """
+
+    wraps_inner = True  # structure.json wraps the module found at this fqn instead of replacing it
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, activation_bits: int = 8) -> None:
+        super().__init__()
+        if type(activation_bits) is not int or not 2 <= activation_bits <= 8:
+            raise ValueError(f"activation_bits must be an integer in 2..8, found {activation_bits!r}")
+        self.activation_bits = activation_bits
+        self.inner: nn.Module = nn.Identity()
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
+
+    @classmethod
+    def around(cls, module: nn.Module, grid: QuantGrid, activation_bits: int) -> RoundedOutput:
+        """``module`` with its output rounded to ``grid``."""
+        wrapper = cls(activation_bits)
+        wrapper.inner = module
+        with torch.no_grad():
+            wrapper.scale.fill_(grid.scale)
+            wrapper.zero_point.fill_(grid.zero_point)
+        return wrapper.train(module.training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out: torch.Tensor = quantize_dequantize(self.inner(*args, **kwargs), self.scale, self.zero_point,
+                                                (1 << self.activation_bits) - 1)
+        return out
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return {"activation_bits": self.activation_bits}
 
 
 def _pair(value: Any) -> tuple[int, int]:
