@@ -47,6 +47,8 @@ RUNS: dict[str, MethodConfig | None] = {
     "gptq-w3": GPTQConfig(bits=3, group_size=64, targets=DECODER),
     "gptq-w4-clip": GPTQConfig(bits=4, group_size=64, clip_shrink=0.2, targets=DECODER),
     "gptq-w3-clip": GPTQConfig(bits=3, group_size=64, clip_shrink=0.3, targets=DECODER),
+    "gptq-w4-awq": GPTQConfig(bits=4, group_size=64, scale_grid=20, targets=DECODER),
+    "gptq-w4-awq-clip": GPTQConfig(bits=4, group_size=64, scale_grid=20, clip_shrink=0.2, targets=DECODER),
     "gptq-w4-emb8": GPTQConfig(bits=4, group_size=64, embedding_bits=8, targets=DECODER),
     "awq-w4": AWQConfig(bits=4, group_size=64, targets=DECODER),
     "awq-w4-clip": AWQConfig(bits=4, group_size=64, clip_shrink=0.2, targets=DECODER),
@@ -58,7 +60,8 @@ REFERENCE = {"fp32": 30.77, "rtn-w8": 30.79, "rtn-w4": 39.26, "rtn-w3": 97.0, "g
              "gptq-w4-noorder": 38.66, "gptq-w3": 85.55}
 LLMCOMPRESSOR = {"gptq-w4": 35.24, "gptq-w3": 55.93}
 TARGET = {"gptq-w4-emb8": "checkpoint <= 0.30", "gptq-w4": 35.0, "gptq-w3": 55.0, "gptq-w4-clip": "best int4 <= 34.0", "gptq-w3-clip": 55.0,
-          "awq-w4-clip": "best int4 <= 34.0", "awq-w4": "< RTN 39.26", "mixed-4.5": "< GPTQ w4"}
+          "awq-w4-clip": "best int4 <= 34.0",
+          "gptq-w4-awq": "best int4 <= 34.0", "gptq-w4-awq-clip": "best int4 <= 34.0", "awq-w4": "< RTN 39.26", "mixed-4.5": "< GPTQ w4"}
 
 
 def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, calib: list[torch.Tensor],
@@ -89,7 +92,8 @@ def render(state: dict[str, dict[str, Any]]) -> str:
     lines = ["# Weight-only quantization of SmolLM2-135M (Lee background windows)", "",
              "Every decoder-layer Linear, asymmetric, group 64; tied embedding / lm_head kept fp32 except in `-emb8` "
              "runs (int8 round to nearest, group 64, one set of codes for both); `-clip` runs search each "
-             "group's clipping range (`clip_shrink`). Perplexity on "
+             "group's clipping range (`clip_shrink`); `-awq` runs scale columns as AWQ before GPTQ (`scale_grid`). "
+             "Perplexity on "
              "the first 24 windows of 512 tokens; calibration on the next 32 (ASSETS.md 3.1).", "",
              "| run | method | ppl | plain reference (ASSETS) | llm-compressor 0.14 (ASSETS) | target | checkpoint / fp32 | "
              "one-shot s | peak RSS MB | eval tokens/s | measured |",

@@ -59,14 +59,15 @@ def token_batches(n: int = 3, batch: int = 2, length: int = 16, vocab: int = 64,
     return [torch.randint(0, vocab, (batch, length), generator=g) for _ in range(n)]
 
 
-def tiny_llama(layers: int = 2, seed: int = 0) -> nn.Module:
-    """A random LlamaForCausalLM: hidden 64, 4 heads (2 KV heads), FFN 128, vocab 128."""
+def tiny_llama(layers: int = 2, seed: int = 0, *, vocab: int = 128, tied: bool = False) -> nn.Module:
+    """A random LlamaForCausalLM: hidden 64, 4 heads (2 KV heads), FFN 128, ``vocab`` tokens; with
+    ``tied`` its lm_head is its embedding table (as SmolLM2's)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64)
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                      max_position_embeddings=64, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model: nn.Module = transformers.LlamaForCausalLM(config)
     return model.eval()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
+from tiny_llama import tiny_llama
 from tiny_models import MLP, ResConcatCNN, TinyLM
 from torchslim.errors import ConfigError, DataError, SelectorError, UnsupportedModuleError
 from torchslim.pruning.channel import ChannelPruningConfig, apply, plan
@@ -299,14 +300,7 @@ def test_bert_ffn_channels_shrink_both_dense_layers_and_zero_channels_go_first()
 
 
 def _tied_llama() -> nn.Module:
-    """A random 2-layer LlamaForCausalLM whose lm_head is its embedding table (as SmolLM2's)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model: nn.Module = transformers.LlamaForCausalLM(config)
-    return model.eval()
+    return tiny_llama(tied=True)
 
 
 def test_a_llamas_hidden_size_shrinks_and_its_tied_head_follows(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
-from tiny_llama import token_batches
+from tiny_llama import tiny_llama, token_batches
 from torchslim.errors import ConfigError
 from torchslim.export import load, save
 from torchslim.quantization import GPTQConfig, WeightOnlyConfig, WeightOnlyEmbedding, WeightOnlyLinear
@@ -32,14 +31,7 @@ def test_lookup_equals_the_dequantised_table_and_stays_within_half_a_step(bits: 
 
 
 def _tied_llama() -> nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                      max_position_embeddings=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model: nn.Module = transformers.LlamaForCausalLM(config)
-    return model.eval()
+    return tiny_llama(vocab=512, tied=True)
 
 
 def test_tied_embedding_and_head_share_one_set_of_codes_and_the_file_shrinks(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import torchslim as ts
 from tiny_llama import tiny_llama, token_batches
-from torchslim.errors import DataError
+from torchslim.errors import ConfigError, DataError
 from torchslim.export import load, save
 from torchslim.quantization import GPTQConfig, WeightOnlyConfig, WeightOnlyLinear
 from torchslim.quantization._gptq import gptq_quantize
@@ -67,3 +68,36 @@ def test_tiny_llama_quantizes_block_by_block_and_reloads(tmp_path: Path) -> None
 def test_missing_calibration_data_is_a_data_error() -> None:
     with pytest.raises(DataError, match="calibration"):
         ts.apply(tiny_llama(layers=1), GPTQConfig(), ts.Context())
+
+
+def test_awq_scales_before_gptq_lower_the_error_on_outlier_channels(tmp_path: Path) -> None:
+    from torch import nn
+
+    from torchslim.quantization._gptq import search_scales
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 128, generator=g)
+    x = torch.randn(512, 128, generator=g)
+    x[:, :4] *= 30  # outlier input channels, as in LLM activations
+    hessian = 2 * x.T @ x / len(x)
+    s = search_scales(w, hessian, bits=3, group_size=32, symmetric=False, grid=20)
+    assert s.shape == (128,) and float(s[:4].mean()) > float(s[4:].mean())  # the outlier columns grow
+    layer = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    model = nn.Sequential(layer)
+    ctx = ts.Context(calib_data=[x])
+    plain = ts.apply(copy.deepcopy(model), GPTQConfig(bits=3, group_size=32, block_size=32), ctx).model
+    scaled = ts.compress(copy.deepcopy(model), Recipe.single(GPTQConfig(bits=3, group_size=32, block_size=32,
+                                                                      scale_grid=20)), ctx)
+    assert scaled.model[0].input_scale is not None
+    with torch.no_grad():
+        def err(m: nn.Module) -> float:
+            return float((m(x) - layer(x)).pow(2).mean())
+        assert err(scaled.model) < 0.9 * err(plain)
+    save(scaled, tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "run", lambda: copy.deepcopy(model))(x), scaled.model(x),
+                                   rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="scale_grid must be >= 0"):
+        GPTQConfig(scale_grid=-1)

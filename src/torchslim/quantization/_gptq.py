@@ -10,13 +10,15 @@ weight ("static groups"), so every group keeps contiguous columns and the packed
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torchslim.core.hessian import inverse_hessian_factor
 from torchslim.quantization._clip import search_clip
 from torchslim.quantization.packed import dequantize_groups, quantize_groups
 
-__all__ = ["gptq_quantize", "output_error"]
+__all__ = ["gptq_quantize", "output_error", "search_scales"]
 
 
 @torch.no_grad()
@@ -36,6 +38,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     clipped = _gptq(weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric,
                     act_order=act_order, damping=damping, block_size=block_size, clip_shrink=clip_shrink)
     return min(plain, clipped, key=lambda result: output_error(weight, hessian, *result))
+
+
+@torch.no_grad()
+def search_scales(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+                  grid: int) -> torch.Tensor:
+    """AWQ's activation-aware column scales ``s = rms(x)^alpha`` (in,), ``alpha`` from ``grid`` points
+    in [0, 1) with the least output error ``tr(E H E^T)`` of rounding ``W * s`` (then dividing by
+    ``s``); the input RMS and the error both come from the Hessian ``H = 2 X^T X / n``, so no
+    activation sample is kept. ``alpha = 0`` (all ones) is among the candidates."""
+    w = weight.detach().double()
+    h = hessian.detach().double()
+    rms = h.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)
+    best, least = torch.ones_like(rms), math.inf
+    for i in range(grid):
+        s = rms.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()
+        e = dequantize_groups(*quantize_groups(w * s, bits, group_size, symmetric)).double() / s - w
+        err = float(((e @ h) * e).sum())
+        if err < least:
+            best, least = s, err
+    return best.float()
 
 
 def output_error(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -12,7 +12,7 @@ from torch import nn
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, InputGram, layerwise
 from torchslim.errors import DataError
-from torchslim.quantization._gptq import gptq_quantize
+from torchslim.quantization._gptq import gptq_quantize, search_scales
 from torchslim.quantization.embedding import quantize_embeddings
 from torchslim.quantization.packed import WeightOnlyLinear
 from torchslim.quantization.weight_only import (
@@ -44,6 +44,10 @@ class GPTQConfig(MethodConfig):
             group scales fixed beforehand from the original weight (static groups).
         damping: Added to the Hessian's diagonal, relative to its mean.
         block_size: Columns quantized together before the rest are updated (speed only).
+        scale_grid: AWQ and GPTQ combined: before GPTQ, each layer's weight columns are scaled
+            by ``s = rms(x)^alpha`` (``alpha`` among ``scale_grid`` points in [0, 1), chosen by
+            the output error on the calibration inputs, 0 included), GPTQ rounds ``W * s`` and
+            the layer divides its inputs by ``s`` (``WeightOnlyLinear.input_scale``); 0: plain GPTQ.
         clip_shrink: Largest fraction by which a group's range may shrink: 20 factors from 1
             down to ``1 - clip_shrink`` are tried per row and group, and the one with the least
             output error on the calibration inputs (``e H_gg e^T`` over the group's block of the
@@ -60,6 +64,7 @@ class GPTQConfig(MethodConfig):
           group_size: 64
           act_order: true
           clip_shrink: 0.2      # search each group's clipping range
+          scale_grid: 20        # AWQ's column scales before GPTQ
 
     Notes:
         Calibration runs block by block (``torchslim.core.layerwise``): each decoder layer's
@@ -79,6 +84,7 @@ class GPTQConfig(MethodConfig):
     damping: float = 0.01
     block_size: int = 128
     clip_shrink: float = 0.0
+    scale_grid: int = 0
     batches: int = 128
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
@@ -88,6 +94,8 @@ class GPTQConfig(MethodConfig):
         check_bits_and_group(_NAME, self.bits, self.group_size, self.embedding_bits)
         check(0 <= self.clip_shrink < 1,
               f"{_NAME}: clip_shrink must be in [0, 1); found {self.clip_shrink!r}")
+        check(self.scale_grid >= 0, f"{_NAME}: scale_grid must be >= 0 (0: no column scales); "
+                                    f"found {self.scale_grid!r}")
         check(self.damping >= 0, f"{_NAME}: damping must be >= 0; found {self.damping!r}")
         check(self.block_size >= 1 and self.batches >= 1,
               f"{_NAME}: block_size and batches must be >= 1; found {self.block_size}, {self.batches}")
@@ -131,11 +139,17 @@ def gptq_layers(model: nn.Module, layers: dict[str, nn.Linear], bits: dict[str, 
             if not torch.isfinite(hessian).all():
                 raise DataError(f"{who}: the calibration inputs of {fqn} contain NaN or inf")
             assert isinstance(module, nn.Linear)
-            codes, scale, zero = gptq_quantize(module.weight, hessian, bits=bits[fqn], group_size=groups[fqn],
+            weight, columns = module.weight.detach(), None
+            if cfg.scale_grid:  # AWQ's column scales first; GPTQ then rounds W * s against s^-1 H s^-1
+                columns = search_scales(weight, hessian, bits=bits[fqn], group_size=groups[fqn],
+                                        symmetric=cfg.symmetric, grid=cfg.scale_grid).to(weight.device)
+                weight = weight * columns
+                hessian = hessian / torch.outer(columns, columns).to(hessian.dtype)
+            codes, scale, zero = gptq_quantize(weight, hessian, bits=bits[fqn], group_size=groups[fqn],
                                                symmetric=cfg.symmetric, act_order=cfg.act_order,
                                                damping=cfg.damping, block_size=cfg.block_size,
                                                clip_shrink=cfg.clip_shrink)
-            made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, bits[fqn], module.bias).to(
+            made[fqn] = WeightOnlyLinear.from_codes(codes, scale, zero, bits[fqn], module.bias, columns).to(
                 module.weight.device).train(module.training)
         done.extend(surgery.replace_modules(model, [(f, layers[f]) for f in made], lambda f, _: made[f]))
 
