@@ -99,7 +99,7 @@ def main() -> None:
                                 title="nas.search on Fashion-MNIST (validation accuracy)"))
     text = _render(args, ref, budget, result, chosen, final, predictor, time.perf_counter() - started)
     old = DOC.read_text() if DOC.is_file() else ""
-    for name in ("oneshot", "minilm", "parallel"):  # the sections of the other nas benches stay
+    for name in ("oneshot", "minilm", "parallel", "autocompress"):  # the other benches' sections stay
         start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start in old and end in old:
             text = text.rstrip("\n") + "\n\n" + old[old.index(start):old.index(end) + len(end)] + "\n"

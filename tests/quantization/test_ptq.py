@@ -365,3 +365,31 @@ def test_a_wrap_op_naming_a_module_that_wraps_nothing_is_refused() -> None:
     ops = [{"fqn": "blocks.0", "wrap": {"cls": "torchslim:RoundedOutput", "kwargs": {"activation_bits": 99}}}]
     with pytest.raises(OutputError, match="activation_bits must be an integer in 2..8, found 99"):
         replay(_ResidualNet(), ops)
+
+
+class _SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module applied twice, the second after the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_a_module_run_twice_is_not_wrapped_its_block_is() -> None:
+    from torchslim.quantization import RoundedOutput
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _SharedReluBlock(), _SharedReluBlock(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    q = ts.apply(copy.deepcopy(model), PTQConfig(), _ctx()).model
+    assert isinstance(q[1], RoundedOutput) and not isinstance(q[1].inner.relu, RoundedOutput)
+    assert not isinstance(q[2], RoundedOutput)  # its output reaches the head through pooling, in float
+    x = _batches(1)[0]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(x), model(x)).min() > 0.98

@@ -107,13 +107,15 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     picks_from: dict[str, str] = {}  # layer -> the layer just before it whose values its input picks
     last: list[tuple[str, torch.Tensor]] = []  # the latest layer to run on the first batch, its output
     keep: list[torch.Tensor] = []  # holds the first batch's tensors so their ids stay unique
-    made_by: dict[int, str] = {}  # first batch: output tensor id -> the innermost other module returning it
+    made_by: dict[int, list[str]] = {}  # first batch: output tensor id -> the other modules returning it
+    calls: dict[str, int] = {}  # first batch: how often each other module ran
     others = _other_modules(model, layers) if round_outputs else {}
 
     def made(fqn: str, y: Any) -> None:
-        if isinstance(y, torch.Tensor) and id(y) not in made_by:
+        calls[fqn] = calls.get(fqn, 0) + 1
+        if isinstance(y, torch.Tensor):
             keep.append(y)
-            made_by[id(y)] = fqn
+            made_by.setdefault(id(y), []).append(fqn)  # innermost first
 
     def run(pass_: str) -> None:
         for i, batch in enumerate(batches):
@@ -157,9 +159,11 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
             run("values")
     finally:
         model.train(model_training)
-    wrapped = {fqn: made_by[id_in[fqn]] for fqn in layers
-               if fed_by.get(fqn) is None and fqn not in picks_from and id_in.get(fqn) in made_by
-               and id_in[fqn] not in final_ids}
+    wrapped = {}  # layer -> the innermost module run once that returns its input (a shared ReLU would
+    for fqn in layers:  # round every one of its outputs, so the block holding it is wrapped instead)
+        once = [m for m in made_by.get(id_in.get(fqn, -1), []) if calls[m] == 1]
+        if once and fed_by.get(fqn) is None and fqn not in picks_from and id_in[fqn] not in final_ids:
+            wrapped[fqn] = once[0]
     keep.clear()
     missing = [f for f in layers if obs_in[f].hi < obs_in[f].lo]
     if missing:
