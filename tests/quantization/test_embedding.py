@@ -113,3 +113,17 @@ def test_packed_embedding_and_tied_head_export_to_onnx_runtime(tmp_path: Path, b
     other = torch.randint(0, 300, (5, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(OnnxModule(tmp_path / "m.onnx")(other), model(other), rtol=0, atol=1e-4)
+
+
+def test_a_corrupt_layout_in_structure_json_is_refused() -> None:
+    from torchslim.core.structure import replay
+    from torchslim.errors import OutputError
+
+    model = nn.Sequential(nn.Embedding(10, 64))
+    for bad in ({"group_size": 0}, {"group_size": 48}, {"bits": 9}):
+        kwargs = {"num_embeddings": 10, "embedding_dim": 64, "bits": 8, "group_size": 32, **bad}
+        with pytest.raises(OutputError, match="cannot build torchslim:WeightOnlyEmbedding"):
+            replay(model, [{"fqn": "0", "module": {"cls": "torchslim:WeightOnlyEmbedding", "kwargs": kwargs}}])
+        linear = {"in_features": 64, "out_features": 4, "bits": kwargs["bits"], "group_size": kwargs["group_size"]}
+        with pytest.raises(OutputError, match="cannot build torchslim:WeightOnlyLinear"):
+            replay(model, [{"fqn": "0", "module": {"cls": "torchslim:WeightOnlyLinear", "kwargs": linear}}])

@@ -19,6 +19,7 @@ from torchslim.core.structure import rebuildable
 from torchslim.errors import ConfigError
 from torchslim.quantization.packed import (
     WeightOnlyLinear,
+    check_layout,
     dequantize_groups,
     nibbles,
     pack_codes,
@@ -50,6 +51,7 @@ class WeightOnlyEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int = 64,
                  padding_idx: int | None = None) -> None:
         super().__init__()
+        check_layout(embedding_dim, bits, group_size)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
         width = embedding_dim // 2 if nibbles(bits, embedding_dim) else embedding_dim

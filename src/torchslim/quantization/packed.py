@@ -19,6 +19,7 @@ from torchslim.quantization.nbits import exports_as_nbits, matmul_nbits
 
 __all__ = [
     "WeightOnlyLinear",
+    "check_layout",
     "dequantize_groups",
     "nibbles",
     "pack_codes",
@@ -66,6 +67,14 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     groups = scale.shape[1]
     w = (codes.reshape(out_f, groups, in_f // groups).float() - zero[..., None]) * scale[..., None]
     return w.reshape(out_f, in_f)
+
+
+def check_layout(width: int, bits: int, group_size: int) -> None:
+    """A ValueError unless ``bits`` is in 2..8 and ``group_size`` is positive and divides ``width``
+    (what a packed layer rebuilt from structure.json needs)."""
+    if not 2 <= bits <= 8 or group_size < 1 or width < 1 or width % group_size:
+        raise ValueError(f"expected bits in 2..8 and a group size dividing the width {width}; "
+                         f"found bits {bits}, group_size {group_size}")
 
 
 def nibbles(bits: int, in_features: int) -> bool:
@@ -119,6 +128,7 @@ class WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64,
                  bias: bool = True, input_scale: bool = False) -> None:
         super().__init__()
+        check_layout(in_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         width = in_features // 2 if nibbles(bits, in_features) else in_features
