@@ -15,7 +15,7 @@ from torchslim.quantization.packed import dequantize_groups, quantize_groups
 
 __all__ = ["CLIP_STEPS", "search_clip"]
 
-CLIP_STEPS = 20  # shrink factors tried between 1 and 1 - shrink
+CLIP_STEPS = 20  # equal steps from 1 down to 1 - shrink: 21 factors tried
 
 
 @torch.no_grad()
@@ -29,11 +29,11 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_si
     h = gram.detach().float()
     blocks = torch.stack([h[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
                           for g in range(groups)])  # (groups, size, size)
-    best = torch.ones(out_f, groups)
-    least = torch.full((out_f, groups), float("inf"))
+    best = torch.ones(out_f, groups, device=w.device)
+    least = torch.full((out_f, groups), float("inf"), device=w.device)
     for i in range(steps + 1):
         factor = 1.0 - shrink * i / steps
-        clip = torch.full((out_f, groups), factor)
+        clip = torch.full((out_f, groups), factor, device=w.device)
         e = (dequantize_groups(*quantize_groups(w, bits, group_size, symmetric, clip)) - w)
         e = e.reshape(out_f, groups, group_size)
         err = torch.einsum("ogi,gij,ogj->og", e, blocks, e)

@@ -42,9 +42,9 @@ class AWQConfig(MethodConfig):
         grid: Exponents ``alpha`` tried in [0, 1] for the column scales ``s = mean|x|^alpha``.
         sample_rows: Input rows (tokens) per layer kept to score each ``alpha``.
         clip_shrink: After the scales, each group's range may shrink by up to this fraction
-            (AWQ's clip search): 20 factors from 1 down to ``1 - clip_shrink`` are tried per row
-            and group, the one with the least output error on the sampled inputs is kept; 0:
-            full min..max ranges.
+            (AWQ's clip search): 21 factors, 1 down to ``1 - clip_shrink`` in 20 steps, are tried
+            per row and group, and the one with the least output error on the sampled inputs is
+            kept; 0: full min..max ranges.
         batches: Calibration batches read from ``ctx.calib_data``.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.

@@ -48,10 +48,11 @@ class GPTQConfig(MethodConfig):
             by ``s = rms(x)^alpha`` (``alpha`` among ``scale_grid`` points in [0, 1), chosen by
             the output error on the calibration inputs, 0 included), GPTQ rounds ``W * s`` and
             the layer divides its inputs by ``s`` (``WeightOnlyLinear.input_scale``); 0: plain GPTQ.
-        clip_shrink: Largest fraction by which a group's range may shrink: 20 factors from 1
-            down to ``1 - clip_shrink`` are tried per row and group, and the one with the least
-            output error on the calibration inputs (``e H_gg e^T`` over the group's block of the
-            Hessian) sets the group's scale; 0 keeps each group's full min..max range.
+        clip_shrink: Largest fraction by which a group's range may shrink: 21 factors, in 20
+            equal steps from 1 down to ``1 - clip_shrink``, are tried per row and group, and the
+            one with the least output error on the calibration inputs (``e H_gg e^T`` over the
+            group's block of the Hessian) sets the group's scale; 0 keeps each group's full
+            min..max range.
         batches: Calibration batches read from ``ctx.calib_data``.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
