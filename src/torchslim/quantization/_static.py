@@ -120,8 +120,8 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     def run(pass_: str) -> None:
         for i, batch in enumerate(batches):
             first = i == 0
-            with _hooks(layers, lambda fqn, x, y, first=first: see(fqn, x, y, pass_, first)), \
-                    _output_hooks(others if pass_ == "range" and first else {}, made):
+            with _hooks(layers, lambda fqn, args, y, first=first: see(fqn, args[0], y, pass_, first)), \
+                    _hooks(others if pass_ == "range" and first else {}, lambda fqn, _args, y: made(fqn, y)):
                 args, kwargs = model_call(model, to_device(batch, device) if device is not None else batch)
                 out = model(*args, **kwargs)
             if pass_ == "range" and i == 0:
@@ -246,20 +246,9 @@ def to_qdq(model: nn.Module, fusions: dict[str, Fusion], cal: Calibration, weigh
 
 
 @contextmanager
-def _hooks(layers: dict[str, nn.Module], see: Any) -> Iterator[None]:
-    handles = [m.register_forward_hook(lambda _m, args, out, fqn=fqn: see(fqn, args[0], out))
-               for fqn, m in layers.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def _output_hooks(modules: dict[str, nn.Module], see: Any) -> Iterator[None]:
-    """Call ``see(fqn, output)`` after each of ``modules`` runs."""
-    handles = [m.register_forward_hook(lambda _m, _args, out, fqn=fqn: see(fqn, out))
+def _hooks(modules: dict[str, nn.Module], see: Any) -> Iterator[None]:
+    """Call ``see(fqn, args, output)`` after each of ``modules`` runs."""
+    handles = [m.register_forward_hook(lambda _m, args, out, fqn=fqn: see(fqn, args, out))
                for fqn, m in modules.items()]
     try:
         yield
