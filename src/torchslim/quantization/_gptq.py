@@ -54,8 +54,8 @@ def search_scales(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     for i in range(grid):
         s = rms.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()
-        e = dequantize_groups(*quantize_groups(w * s, bits, group_size, symmetric)).double() / s - w
-        err = float(((e @ h) * e).sum())
+        rounded = dequantize_groups(*quantize_groups(w * s, bits, group_size, symmetric)).double() / s
+        err = _weighted(rounded - w, h)
         if err < least:
             best, least = s, err
     return best.float()
@@ -66,7 +66,12 @@ def output_error(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tenso
     """``tr(E H E^T)`` for the rounding error ``E`` of ``codes``: the layer's summed squared output
     error over the calibration inputs (up to the Hessian's scale)."""
     e = dequantize_groups(codes, scale, zero).double() - weight.detach().double()
-    return float(((e @ hessian.double()) * e).sum())
+    return _weighted(e, hessian.double())
+
+
+def _weighted(e: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(E H E^T)``: the summed squared output error of the weight error ``E`` (out, in)."""
+    return float(((e @ h) * e).sum())
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
