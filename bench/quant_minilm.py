@@ -4,9 +4,11 @@ In the same run: the fp32 model in torch and in ONNX Runtime; ``quantization.dyn
 Linear of the encoder to int8 weights, per-row int8 activations, ``torch._int_mm``) in torch and
 exported to ONNX (``MatMulInteger``) in ONNX Runtime; torch's own dynamic quantization
 (``torch.ao.quantization.quantize_dynamic``); ONNX Runtime's ``quantize_dynamic`` on the fp32
-ONNX file. Latencies alternate between variants over several rounds (the machine is shared)
+ONNX file; ``quantization.mixed`` under a latency budget (int8 or float per layer, chosen on
+calibration sentences apart from the timed ones). Latencies alternate between variants over several rounds (the machine is shared)
 and the median of the per-round medians is reported. Quality (Lee Pearson, WS-353) is measured
-for the torch variants, which compute what their ONNX exports compute.
+for the torch variants, which compute what their ONNX exports compute, with their fidelity to
+fp32 (mean cosine of the 200 MR sentence embeddings).
 
 Run: python bench/quant_minilm.py [--rounds 5]   (about 4 minutes on 2 cores)
 """
@@ -30,18 +32,25 @@ import torchslim as ts
 from torchslim.export.onnx import OnnxModule, export_onnx
 from torchslim.measure.latency import measure_latency
 from torchslim.quantization import DynamicQuantizationConfig
+from torchslim.quantization.mixed import MixedPrecisionConfig
 from torchslim.zoo import minilm
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantization-minilm.md"
-ORT_QUALITY = {"fp32 onnxruntime": "= fp32 torch (same model) | ",
-               "torchslim int8 onnxruntime": "~ torchslim int8 torch (agreement below) | ",
-               "onnxruntime quantize_dynamic": "not measured (fixed-shape export) | "}
+ORT_QUALITY = {"fp32 onnxruntime": "= fp32 torch (same model) |  | ",
+               "torchslim int8 onnxruntime": "~ torchslim int8 torch (agreement below) |  | ",
+               "onnxruntime quantize_dynamic": "not measured (fixed-shape export) |  | "}
 
 
 def _ort_call(session: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
     names = [i.name for i in session.get_inputs()]
     feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
     return lambda: session.run(None, feed)
+
+
+def _batch(tok: Any, text: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``text`` padded to 128 tokens."""
+    enc = tok(text, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,25 +86,49 @@ def _verdict(latency: dict[str, float], quality: dict[str, dict[str, float]]) ->
                if slower else "Faster than both peers."))
 
 
+def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict[str, float],
+                quality: dict[str, dict[str, float]]) -> str:
+    """Issue 13 item 4 on MiniLM: the mixed model within its latency budget, its quality against uniform int8."""
+    fraction = latency[name] / latency["fp32 torch"]
+    q, u = quality[name], quality["torchslim int8 torch"]
+    better = [k for k in ("mr_fidelity", "lee_pearson", "ws353") if q[k] > u[k]]
+    return (f"Mixed precision under a latency budget of {budget} of fp32 (`quantization.mixed`, `latency_budget`): "
+            f"{stats['layers_int8']:.0f} Linear layers int8, {stats['layers_float']:.0f} kept fp32; latency "
+            f"{fraction:.3f} of fp32 in this table (predicted {stats['latency_fraction_predicted']:.3f}, measured "
+            f"{stats['latency_fraction_measured']:.3f} while choosing), {'within' if fraction <= budget else 'over'} "
+            f"the budget. Against uniform int8: MR fidelity {q['mr_fidelity']:.5f} vs {u['mr_fidelity']:.5f}, "
+            f"Lee {q['lee_pearson']:.4f} vs {u['lee_pearson']:.4f}, WS-353 {q['ws353']:.4f} vs {u['ws353']:.4f} "
+            f"(higher in: {', '.join(better) or 'none'}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mixed-budget", type=float, default=0.6,
+                        help="latency_budget of the quantization.mixed variant (fraction of fp32 latency)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tok, fp32 = minilm.load_minilm_tokenizer(), minilm.load_minilm()
     text = list(minilm.lee_background_sentences()[:8])
-    enc = tok(text, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    inputs = (enc["input_ids"], enc["attention_mask"])
+    inputs = _batch(tok, text)
     ours = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(), ts.Context()).model.eval()
+    mixed_name = f"torchslim mixed int8/fp32 (latency budget {args.mixed_budget})"
+    calib_text = list(minilm.lee_background_sentences()[100:132])
+    calib = [_batch(tok, calib_text[i:i + 8]) for i in range(0, 32, 8)]
+    mixed_run = ts.apply(copy.deepcopy(fp32), MixedPrecisionConfig(latency_budget=args.mixed_budget),
+                         ts.Context(calib_data=calib))
+    mixed = mixed_run.model.eval()
     peer_torch = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     tmp = Path(tempfile.mkdtemp())
     export_onnx(fp32, inputs, tmp / "fp32.onnx")
     export_onnx(ours, inputs, tmp / "ours.onnx", min_cosine=0.99)  # the agreement is measured below
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_int8.onnx"), weight_type=QuantType.QInt8)
     calls: dict[str, Callable[[], Any]] = {}
-    for name, model in {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch}.items():
+    torch_models = {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch,
+                    mixed_name: mixed}
+    for name, model in torch_models.items():
         calls[name] = (lambda m: lambda: m(*inputs))(model)
     for name, file in {"fp32 onnxruntime": "fp32", "torchslim int8 onnxruntime": "ours",
                        "onnxruntime quantize_dynamic": "ort_int8"}.items():
@@ -113,18 +146,21 @@ def main() -> None:
     unoptimized = OnnxModule(tmp / "ours.onnx", optimize=False).session
     ort_self = _min_cosine(ort_out, torch.from_numpy(_ort_call(unoptimized, inputs)()[0]))
     torch_self = _nudged_self_cosine(ours, inputs, torch_out)
-    quality = {n: minilm.evaluate_minilm(m, tok) for n, m in
-               {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch}.items()}
+    quality = {n: minilm.evaluate_minilm(m, tok) for n, m in torch_models.items()}
+    reference = minilm.encode(fp32, tok, minilm.mr_sentences())
+    for n, m in torch_models.items():
+        quality[n]["mr_fidelity"] = minilm.mr_fidelity(m, tok, reference)
     for n in latency:
         print(n, round(latency[n], 2), quality.get(n))
     base = latency["fp32 torch"]
     lines = ["# all-MiniLM-L6-v2 dynamic int8: latency against fp32 and the peers (same run)", "",
              "Batch 8 x 128 tokens (Lee background sentences padded to 128). Speed-up = fp32 torch latency / "
              f"variant latency; median over {args.rounds} alternating rounds of 10 timed calls.", "",
-             "| variant | engine | latency ms | speed-up vs fp32 torch | Lee Pearson | WS-353 |", "|---|---|---|---|---|---|"]
+             "| variant | engine | latency ms | speed-up vs fp32 torch | Lee Pearson | WS-353 | MR fidelity |",
+             "|---|---|---|---|---|---|---|"]
     for name, ms in latency.items():
         q = quality.get(name)
-        scores = f"{q['lee_pearson']:.4f} | {q['ws353']:.4f}" if q else ORT_QUALITY[name]
+        scores = f"{q['lee_pearson']:.4f} | {q['ws353']:.4f} | {q['mr_fidelity']:.5f}" if q else ORT_QUALITY[name]
         engine = "onnxruntime" if "onnxruntime" in name else "torch"
         lines.append(f"| {name} | {engine} | {ms:.1f} | {base / ms:.2f}x | {scores} |")
     lines += ["", f"torchslim int8: ONNX Runtime vs PyTorch, minimum cosine of the 8 embeddings {agreement:.6f} "
@@ -133,6 +169,7 @@ def main() -> None:
               f"{torch_self:.6f}. Per-row rounding redraws its error on any float-level change of the inputs, so "
               "two exact implementations of the same int8 arithmetic differ by about that much.",
               _verdict(latency, quality),
+              _mixed_line(mixed_name, mixed_run.record.outcomes[0].stats, args.mixed_budget, latency, quality),
               "Targets (issue 13): >= 2.0x faster than fp32 and faster than both peers, Lee Pearson drop <= 0.01, "
               "WS-353 drop <= 0.02.",
               f"Machine: {platform.processor() or platform.machine()}, 2 threads, shared (load average "

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import torchslim as ts
 from tiny_llama import tiny_llama, token_batches
 from torchslim.errors import ConfigError
 from torchslim.export import load, save
 from torchslim.quantization import WeightOnlyLinear
-from torchslim.quantization.mixed import MixedPrecisionConfig, allocate_bits
+from torchslim.quantization.mixed import MixedPrecisionConfig, allocate, allocate_bits
+from torchslim.quantization.modules import DynamicQuantLinear
 from torchslim.recipes import Recipe
 
 
@@ -70,3 +72,53 @@ def test_tiny_llama_gets_mixed_widths_within_budget_and_reloads(quantizer: str, 
     save(result, tmp_path / "run")
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / "run", build)(x).logits, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_allocation_with_any_costs_matches_brute_force(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    layers = [f"l{i}" for i in range(6)]
+    errors = {f: {8: float(torch.rand(1, generator=g)), 32: 0.0} for f in layers}
+    costs = {f: {8: float(torch.rand(1, generator=g)), 32: 1.0 + float(torch.rand(1, generator=g))} for f in layers}
+    budget = 0.6 * sum(c[32] for c in costs.values())
+    alloc, front = allocate(errors, costs, budget)
+    assert sum(costs[f][alloc[f]] for f in layers) <= budget + 1e-9
+    feasible = (dict(zip(layers, combo, strict=True)) for combo in itertools.product((8, 32), repeat=6))
+    best = min((a for a in feasible if sum(costs[f][a[f]] for f in layers) <= budget),
+               key=lambda a: sum(errors[f][a[f]] for f in layers))
+    ours, optimum = (sum(errors[f][a[f]] for f in layers) for a in (alloc, best))
+    assert ours <= optimum * 1.25 + 1e-9  # the knapsack sweep lands at or next to the optimum
+    assert [p[0] for p in front] == sorted(p[0] for p in front)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(),
+                         nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def test_latency_budget_mixes_int8_and_float_layers_and_reloads(tmp_path: Path) -> None:
+    batches = [torch.randn(256, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = MixedPrecisionConfig(latency_budget=0.95)
+    result = ts.compress(_mlp(), Recipe.single(cfg), ts.Context(calib_data=batches))
+    int8 = [f for f, m in result.model.named_modules() if isinstance(m, DynamicQuantLinear)]
+    kept = [f for f, m in result.model.named_modules() if type(m) is nn.Linear]
+    assert int8, "a budget below the float latency needs int8 layers"
+    assert len(int8) + len(kept) == 4
+    stats = result.record.outcomes[0].stats
+    assert stats["layers_int8"] == len(int8)
+    assert stats["latency_fraction_predicted"] <= 0.95
+    with torch.no_grad():
+        out = result.model(batches[0])
+    save(result, tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "run", _mlp)(batches[0]), out, rtol=0, atol=0)
+
+
+def test_latency_budget_out_of_reach_or_outside_0_1_is_a_config_error() -> None:
+    batches = [torch.randn(64, 256)]
+    with pytest.raises(ConfigError, match="out of reach"):
+        ts.compress(_mlp(), Recipe.single(MixedPrecisionConfig(latency_budget=0.01)), ts.Context(calib_data=batches))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="latency_budget"):
+            MixedPrecisionConfig(latency_budget=bad)

@@ -8,22 +8,10 @@ import torch
 from torch import nn
 
 from torchslim.core import Context
+from torchslim.core.outputs import first_tensor
 from torchslim.errors import ConfigError, DataError
 
 __all__ = ["first_tensor", "frozen_teacher", "logits_of", "padding_mask", "shape_mismatch"]
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """A tensor, ``.logits``, ``.last_hidden_state`` or the first tensor of a tuple; else None."""
-    if isinstance(value, torch.Tensor):
-        return value
-    for name in ("logits", "last_hidden_state"):
-        found = getattr(value, name, None)
-        if isinstance(found, torch.Tensor):
-            return found
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 def logits_of(outputs: Any, who: str) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any, ClassVar
 
@@ -13,11 +12,13 @@ from torch import nn
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, layerwise
 from torchslim.errors import ConfigError, DataError
+from torchslim.quantization._mixed_latency import INT8, measure_fraction, plan_latency
 from torchslim.quantization.gptq import GPTQConfig, _gram, gptq_layers
+from torchslim.quantization.modules import DynamicQuantLinear
 from torchslim.quantization.packed import WeightOnlyLinear, dequantize_groups, quantize_groups
 from torchslim.quantization.weight_only import check_bits_and_group, group_size_for, quantizable_linears
 
-__all__ = ["MixedPrecisionConfig", "allocate_bits", "apply"]
+__all__ = ["MixedPrecisionConfig", "allocate", "allocate_bits", "apply"]
 
 logger = logging.getLogger(__name__)
 _NAME = "quantization.mixed"
@@ -36,6 +37,10 @@ class MixedPrecisionConfig(MethodConfig):
         bits: The bit widths a layer may get, each 2..8.
         average_bits: Budget: the average code width over all quantized weights (the model size
             budget; scales and zero points cost the same at every width).
+        latency_budget: Budget instead of ``average_bits``: the model's latency as a fraction
+            of the float model's, measured on this machine on a calibration batch. Each layer
+            then runs int8 (``quantization.dynamic``'s kernel) or stays float; ``bits``,
+            ``group_size``, ``quantizer`` and ``symmetric`` apply to the size budget only.
         group_size: Input columns sharing one scale and zero point; 0: one group per row.
         quantizer: ``gptq`` (error compensation, needs calibration) or ``rtn`` (round to nearest).
         symmetric: Zero point fixed at the middle code.
@@ -48,6 +53,8 @@ class MixedPrecisionConfig(MethodConfig):
           bits: [3, 4, 8]
           average_bits: 4.5
           group_size: 64
+        - method: quantization.mixed   # or: int8 where it costs least quality, within 60% of the time
+          latency_budget: 0.6
 
     Notes:
         Sensitivity of layer ``l`` at ``b`` bits is its output error on the calibration inputs,
@@ -58,6 +65,11 @@ class MixedPrecisionConfig(MethodConfig):
         upgrades with the largest error drop per extra bit. The chosen widths are listed per
         layer in the report. Two calibration passes run (sensitivity, then GPTQ), block by
         block, so peak memory is the model plus one block's activations.
+        Under ``latency_budget`` the sensitivity of a layer is instead the relative squared error
+        of the model's output on up to 4 calibration batches with that layer alone in int8, and
+        its cost is its measured latency in each form; the layers kept float are those with the
+        most error per millisecond saved. The report gives the predicted and the measured
+        latency fraction (``stats``) and the front of (latency fraction, summed error).
     """
 
     name: ClassVar[str] = _NAME
@@ -69,8 +81,12 @@ class MixedPrecisionConfig(MethodConfig):
     batches: int = 128
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
+    latency_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.latency_budget is not None:
+            check(0 < self.latency_budget <= 1, f"{_NAME}: latency_budget must be in (0, 1] (a fraction of "
+                                                f"the float model's latency); found {self.latency_budget!r}")
         check(len(self.bits) >= 1, f"{_NAME}: bits must list at least one width; found {list(self.bits)}")
         for b in self.bits:
             check_bits_and_group(_NAME, b, self.group_size)
@@ -90,42 +106,53 @@ def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int],
     Returns the allocation and the Pareto front ``[(average bits, total error)]`` of the sweep.
     """
     total = sum(sizes.values())
-    budget = average_bits * total
-    widths = {f: sorted(e) for f, e in errors.items()}
-    if sum(sizes[f] * widths[f][0] for f in errors) > budget + 1e-9:
-        smallest = sum(sizes[f] * widths[f][0] for f in errors) / total
+    costs = {f: {b: float(sizes[f] * b) for b in e} for f, e in errors.items()}
+    if sum(min(c.values()) for c in costs.values()) > average_bits * total + 1e-9:
+        smallest = sum(min(c.values()) for c in costs.values()) / total
         raise ConfigError(f"{_NAME}: average_bits {average_bits} is below the smallest reachable "
                           f"average {smallest:.3f}")
+    alloc, front = allocate(errors, costs, average_bits * total)
+    return alloc, [(c / total, e) for c, e in front]
+
+
+def allocate(errors: dict[str, dict[int, float]], costs: dict[str, dict[int, float]],
+             budget: float) -> tuple[dict[str, int], list[tuple[float, float]]]:
+    """One option per layer minimising ``sum errors[l][o]`` with ``sum costs[l][o] <= budget``.
+
+    A Lagrangian sweep over the multiple-choice knapsack gives its Pareto front; the best point
+    within the budget is then filled greedily by the upgrades with the largest error drop per
+    unit of cost. The cheapest options must fit the budget (callers check and say why not).
+
+    Returns:
+        The chosen option per layer and the Pareto front ``[(total cost, total error)]``.
+    """
+    options = {f: sorted(e) for f, e in errors.items()}
 
     def choose(lam: float) -> dict[str, int]:
-        def score(f: str, b: int) -> float:
-            return errors[f][b] + lam * sizes[f] * b
-        return {f: min(widths[f], key=functools.partial(score, f)) for f in errors}
+        return {f: min(options[f], key=lambda o: errors[f][o] + lam * costs[f][o]) for f in errors}  # noqa: B023
 
-    def cost(a: dict[str, int]) -> tuple[float, float]:
-        return sum(sizes[f] * a[f] for f in a) / total, sum(errors[f][a[f]] for f in a)
+    def total(a: dict[str, int]) -> tuple[float, float]:
+        return sum(costs[f][a[f]] for f in a), sum(errors[f][a[f]] for f in a)
 
-    scale = max(max(e.values()) for e in errors.values()) / max(min(sizes.values()), 1) + 1e-30
-    front, best = [], {f: widths[f][0] for f in errors}
+    positive = [c for cs in costs.values() for c in cs.values() if c > 0] or [1.0]
+    scale = max(max(e.values()) for e in errors.values()) / min(positive) + 1e-30
+    front, best = [], {f: min(options[f], key=costs[f].__getitem__) for f in errors}
     for lam in (scale * 10.0 ** k for k in torch.linspace(2, -12, 141).tolist()):
         alloc = choose(lam)
-        avg, err = cost(alloc)
-        front.append((avg, err))
-        if avg * total <= budget + 1e-9 and err <= cost(best)[1]:
+        cost, err = total(alloc)
+        front.append((cost, err))
+        if cost <= budget + 1e-9 and err <= total(best)[1]:
             best = alloc
-    used = sum(sizes[f] * best[f] for f in best)
+    used = total(best)[0]
     while True:  # greedy fill of what the sweep left of the budget
-        options = []
-        for f in best:
-            for b in widths[f]:
-                extra = sizes[f] * (b - best[f])
-                if extra > 0 and used + extra <= budget + 1e-9:
-                    options.append(((errors[f][best[f]] - errors[f][b]) / extra, f, b, extra))
-        gain = max(options, default=None)
+        upgrades = [((errors[f][best[f]] - errors[f][o]) / extra, f, o, extra)
+                    for f in best for o in options[f]
+                    if (extra := costs[f][o] - costs[f][best[f]]) > 0 and used + extra <= budget + 1e-9]
+        gain = max(upgrades, default=None)
         if gain is None or gain[0] <= 0:
             break
-        _, f, b, extra = gain
-        best[f], used = b, used + extra
+        _, f, o, extra = gain
+        best[f], used = o, used + extra
     pareto = sorted(set(front))
     return best, [p for i, p in enumerate(pareto) if all(q[1] > p[1] for q in pareto[:i])]
 
@@ -164,6 +191,9 @@ def apply(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -> Outcome:
     if not layers:
         logger.warning("%s: no selected plain nn.Linear with an untied weight; nothing to do", _NAME)
         return Outcome(model=model)
+    if cfg.latency_budget is not None:
+        batches = calibration_inputs(ctx, min(cfg.batches, 4), _NAME)
+        return _apply_latency(model, layers, cfg.latency_budget, batches)
     groups = {fqn: group_size_for(fqn, m.in_features, cfg.group_size, _NAME) for fqn, m in layers.items()}
     batches = calibration_inputs(ctx, cfg.batches, _NAME)
     errors = _sensitivities(model, layers, groups, cfg, batches)
@@ -192,3 +222,32 @@ def apply(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -> Outcome:
                    layers={f: {"bits": alloc[f], "group_size": groups[f]} for f in done},
                    fronts={"average bits per weight|summed output error (calibration)":
                            [list(p) for p in front]})
+
+
+def _apply_latency(model: nn.Module, layers: dict[str, nn.Linear], budget: float,
+                   batches: list[Any]) -> Outcome:
+    """Int8 or float per layer, within ``budget`` of the float model's measured latency."""
+    was_training = model.training
+    model.eval()
+    try:
+        plan = plan_latency(model, layers, batches, _NAME)
+        alloc, front = allocate(plan.errors, plan.costs, plan.budget_ms(budget, _NAME))
+        int8 = [(f, layers[f]) for f in alloc if alloc[f] == INT8]
+        done = surgery.replace_modules(model, int8, lambda f, _m: DynamicQuantLinear.from_linear(layers[f]))
+        measured = measure_fraction(model, batches[0], plan.float_ms)
+    finally:
+        model.train(was_training)
+    predicted = plan.predicted(alloc)
+    if measured > budget * 1.05:
+        logger.warning("%s: the converted model measured %.3f of the float latency against a budget of %.3f "
+                       "(predicted %.3f); the machine may be busy, or layer times do not add up here",
+                       _NAME, measured, budget, predicted)
+    logger.info("%s: %d of %d layers int8; latency %.3f of float (predicted %.3f, budget %.3f)", _NAME,
+                len(done), len(alloc), measured, predicted, budget)
+    stats: dict[str, float] = {"layers_int8": len(done), "layers_float": len(alloc) - len(done),
+                               "latency_fraction_predicted": round(predicted, 4),
+                               "latency_fraction_measured": round(measured, 4)}
+    return Outcome(model=model, touched=done, structure={f: {} for f in done}, stats=stats,
+                   layers={f: {"bits": alloc[f]} for f in alloc},
+                   fronts={"latency / float latency (predicted)|summed output error (calibration)":
+                           [[(plan.outside_ms + c) / plan.float_ms, e] for c, e in front]})

@@ -1,0 +1,132 @@
+"""``quantization.mixed`` under a latency budget: each Linear runs int8 or stays float.
+
+Only widths with a fast kernel on the machine can buy latency, so the choice per layer is
+between a ``DynamicQuantLinear`` (int8 weights and activations, ``quantization.dynamic``'s
+kernel) and the float layer. Both sides of the trade are measured, not modelled:
+
+- **sensitivity**: the relative squared error of the model's output on the calibration batches
+  when that layer alone is int8 (additive across layers to first order, as HAWQ assumes);
+- **cost**: the layer's own median latency in each form on its captured calibration input, and
+  the float model's latency; the time outside the selected layers is their difference.
+
+The allocation (``allocate``) keeps float the layers whose error per millisecond saved is
+largest, as long as the predicted model latency stays within the budget; the converted model is
+then timed again so the report shows the prediction next to the measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core import surgery
+from torchslim.core.layerwise import Call, model_call
+from torchslim.core.outputs import first_tensor
+from torchslim.errors import ConfigError, DataError
+from torchslim.measure.latency import measure_latency
+from torchslim.quantization.modules import DynamicQuantLinear
+
+__all__ = ["FLOAT", "INT8", "LatencyPlan", "plan_latency"]
+
+logger = logging.getLogger(__name__)
+INT8, FLOAT = 8, 32  # the options, named by their bits in the report
+_REPEATS = 15
+
+
+class LatencyPlan:
+    """What ``plan_latency`` measured: per-layer errors and costs, and the float model's time."""
+
+    def __init__(self, errors: dict[str, dict[int, float]], costs: dict[str, dict[int, float]],
+                 float_ms: float) -> None:
+        self.errors, self.costs, self.float_ms = errors, costs, float_ms
+        self.outside_ms = max(float_ms - sum(c[FLOAT] for c in costs.values()), 0.0)
+
+    def budget_ms(self, fraction: float, who: str) -> float:
+        """The layers' share of ``fraction`` of the float latency; an error if int8 cannot reach it."""
+        fastest = self.outside_ms + sum(min(c.values()) for c in self.costs.values())
+        if fastest > fraction * self.float_ms:
+            raise ConfigError(f"{who}: latency_budget {fraction} is out of reach: with every selected layer "
+                              f"in int8 the model is predicted at {fastest / self.float_ms:.3f} of its float "
+                              f"latency ({fastest:.2f} of {self.float_ms:.2f} ms); raise the budget")
+        return fraction * self.float_ms - self.outside_ms
+
+    def predicted(self, alloc: dict[str, int]) -> float:
+        """Predicted latency of the model with ``alloc`` as a fraction of the float model's."""
+        return (self.outside_ms + sum(self.costs[f][alloc[f]] for f in alloc)) / self.float_ms
+
+
+def plan_latency(model: nn.Module, layers: dict[str, nn.Linear], batches: list[Any], who: str) -> LatencyPlan:
+    """Measure each layer's int8 output error and both forms' latency on the calibration batches."""
+    calls = [model_call(model, b) for b in batches]
+    with torch.no_grad():  # not inference_mode: DynamicQuantLinear reads its weight's version counter
+        reference = [_output(model, c, who) for c in calls]
+        inputs = _layer_inputs(model, layers, calls[0])
+        errors: dict[str, dict[int, float]] = {}
+        costs: dict[str, dict[int, float]] = {}
+        for fqn, x in inputs.items():
+            linear = layers[fqn]
+            quantized = DynamicQuantLinear.from_linear(linear).eval()
+            _swap(model, fqn, quantized)
+            try:
+                errors[fqn] = {INT8: _relative_error(model, calls, reference, who), FLOAT: 0.0}
+            finally:
+                _swap(model, fqn, linear)
+            costs[fqn] = {INT8: _median_ms(lambda q=quantized, x=x: q(x)),
+                          FLOAT: _median_ms(lambda f=linear, x=x: f(x))}
+        float_ms = _median_ms(lambda: model(*calls[0][0], **calls[0][1]))
+    return LatencyPlan(errors, costs, float_ms)
+
+
+def measure_fraction(model: nn.Module, batch: Any, float_ms: float) -> float:
+    """The converted model's latency on one calibration batch as a fraction of ``float_ms``."""
+    args, kwargs = model_call(model, batch)
+    with torch.no_grad():
+        return _median_ms(lambda: model(*args, **kwargs)) / float_ms
+
+
+def _median_ms(fn: Any) -> float:
+    return measure_latency(fn, warmup=3, repeats=_REPEATS)["latency_ms"]
+
+
+def _swap(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    surgery.replace_modules(model, [(fqn, model.get_submodule(fqn))], lambda _f, _m: module)
+
+
+def _output(model: nn.Module, call: Call, who: str) -> torch.Tensor:
+    out = first_tensor(model(*call[0], **call[1]))
+    if out is None:
+        raise DataError(f"{who}: the model's output holds no tensor to compare (expected a tensor, "
+                        ".logits, .last_hidden_state or a tuple starting with a tensor)")
+    return out.float()
+
+
+def _relative_error(model: nn.Module, calls: list[Call], reference: list[torch.Tensor], who: str) -> float:
+    """``sum |y - y_ref|^2 / sum |y_ref|^2`` over the calibration batches."""
+    num = den = 0.0
+    for call, ref in zip(calls, reference, strict=True):
+        num += float((_output(model, call, who) - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def _layer_inputs(model: nn.Module, layers: dict[str, nn.Linear], call: Call) -> dict[str, torch.Tensor]:
+    """The input each layer receives on one batch (its first positional argument)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(fqn: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(fqn, args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(f)) for f, m in layers.items()]
+    try:
+        model(*call[0], **call[1])
+    finally:
+        for h in handles:
+            h.remove()
+    if missing := [f for f in layers if f not in seen]:
+        logger.warning("layers not called on the calibration batch stay float: %s", ", ".join(missing))
+    return seen
