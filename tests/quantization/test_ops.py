@@ -96,3 +96,20 @@ def test_flop_counter_counts_the_int8_gemm_like_a_float_linear() -> None:
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(2, 4, 64)
     assert count_flops(DynamicQuantLinear.from_linear(linear, True), x) == count_flops(linear, x) == 2 * 8 * 64 * 32
+
+
+def test_smoothed_layers_export_their_input_scale_as_a_mul(tmp_path: Path) -> None:
+    from torchslim.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    gain = torch.ones(32)
+    gain[5] = 50.0
+    calib = [torch.randn(64, 32) * gain for _ in range(2)]
+    apply(model, DynamicQuantizationConfig(smooth=0.7), Context(calib_data=calib))
+    x = torch.randn(16, 32) * gain
+    export_onnx(model.eval(), x, tmp_path / "smooth.onnx")
+    session = ort.InferenceSession(str(tmp_path / "smooth.onnx"), providers=["CPUExecutionProvider"])
+    found = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(found, model(x), rtol=1e-4, atol=1e-4)

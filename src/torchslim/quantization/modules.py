@@ -25,22 +25,32 @@ class DynamicQuantLinear(nn.Module):
     weight for inputs of 2 to 128 rows (see ``pack_int8_weight``); it is rebuilt whenever
     ``qweight`` changes.
 
+    With ``smoothed`` (SmoothQuant), the layer first multiplies its input by the buffer
+    ``input_scale`` (in,), whose inverse was folded into the weight's columns: the float
+    product is unchanged while the input's outlier channels shrink before they are rounded.
+
     Attributes:
         qweight: int8 buffer (out, in).
         scale: float32 buffer (out,): per output channel, or one value repeated.
         bias: The float bias parameter, or None.
+        input_scale: float32 buffer (in,) when ``smoothed``, else absent.
     """
 
     _torchslim_converted = True
     qweight: torch.Tensor
     scale: torch.Tensor
+    input_scale: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 per_channel: bool = True, device: torch.device | str | None = None) -> None:
+                 per_channel: bool = True, device: torch.device | str | None = None,
+                 smoothed: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.per_channel = per_channel
+        self.smoothed = smoothed
+        if smoothed:
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -50,6 +60,8 @@ class DynamicQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = None if torch.compiler.is_compiling() else self._packed_weight()
+        if self.smoothed:
+            x = x * self.input_scale.to(x.dtype)
         out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed)
         return out
 
@@ -67,13 +79,22 @@ class DynamicQuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> DynamicQuantLinear:
-        """Quantize ``linear``'s weight (symmetric int8); the bias is copied unchanged."""
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True,
+                    smooth: torch.Tensor | None = None) -> DynamicQuantLinear:
+        """Quantize ``linear``'s weight (symmetric int8); the bias is copied unchanged.
+
+        ``smooth`` (in,), positive: input column ``j`` is divided by ``smooth[j]`` at run time
+        and weight column ``j`` multiplied by it before rounding (SmoothQuant's migration).
+        """
         weight = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  per_channel=per_channel, device=weight.device)
+                  per_channel=per_channel, device=weight.device, smoothed=smooth is not None)
         if weight.is_meta:  # nothing to copy from a meta tensor
             return new
+        if smooth is not None:
+            smooth = smooth.detach().float().to(weight.device)
+            new.input_scale.copy_(1.0 / smooth)
+            weight = weight.detach().float() * smooth
         qweight, scale = quantize_per_channel_symmetric(weight, per_channel)
         new.qweight.copy_(qweight)
         new.scale.copy_(scale)
@@ -86,17 +107,21 @@ class DynamicQuantLinear(nn.Module):
         """The dequantized float ``nn.Linear`` (``qweight * scale``), e.g. for other runtimes."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                            device=self.qweight.device)
-        linear.weight.copy_(dequantize(self.qweight, self.scale))
+        weight = dequantize(self.qweight, self.scale)
+        linear.weight.copy_(weight * self.input_scale if self.smoothed else weight)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear
 
     def spec_kwargs(self) -> dict[str, int | bool]:
         """Constructor arguments for ``structure.json``."""
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "per_channel": self.per_channel}
+        spec: dict[str, int | bool] = {"in_features": self.in_features, "out_features": self.out_features,
+                                       "bias": self.bias is not None, "per_channel": self.per_channel}
+        if self.smoothed:
+            spec["smoothed"] = True
+        return spec
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight=int8 {kind}")
+                f"bias={self.bias is not None}, weight=int8 {kind}" + (", smoothed" if self.smoothed else ""))
