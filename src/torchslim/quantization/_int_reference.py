@@ -2,9 +2,9 @@
 
 ONNX Runtime fuses the QDQ graph that ``export_onnx`` writes into int8 kernels and computes them
 in integers, requantizing with float32 formulas of its own. This module computes the same
-numbers in PyTorch, code for code, so that the PyTorch model and the ONNX file agree; the
-formulas were read in the onnxruntime sources (paths below, under ``onnxruntime/core`` unless
-they start with ``contrib_ops``) and checked against onnxruntime 1.32 on an x86-64 CPU:
+numbers in PyTorch, code for code, so that the PyTorch model and the ONNX file agree. The
+formulas were read in the onnxruntime sources (paths under ``onnxruntime/core`` unless they
+start with ``contrib_ops``) and checked against onnxruntime 1.32 on an x86-64 CPU with AVX-512 VNNI:
 
 - **QuantizeLinear** (``mlas/lib/quantize.cpp``, ``MlasQuantizeLinear``):
   ``q = saturate(nearbyint(x / scale) + zp)``, a float32 division rounded half to even.
@@ -12,30 +12,34 @@ they start with ``contrib_ops``) and checked against onnxruntime 1.32 on an x86-
   ``contrib_ops/cpu/quantization/quant_gemm.cc``; kernels ``MlasConvSym*``, ``MlasGemm``):
   ``acc = bias + sum((q_x - zp_x) * (q_w - zp_w))`` in int32, exactly. Here the sum runs in
   float64 on integer-valued tensors, which is exact (every partial sum is an integer below 2**53).
-- **Requantization** (``MlasRequantizeOutput`` in ``quantize.cpp``; the post-processing of
-  ``x86_64/ConvSymKernelAvx512Core.S``, ``ConvSymKernelAvx2.S``): the per-channel multiplier
-  is formed in float32 as ``(input_scale * weight_scale[c]) / output_scale`` (in that order,
-  ``QLinearConv::ComputeOutputScale``, ``QGemm::ComputeOutputScale``), then
+- **Requantization** (``MlasRequantizeOutput`` in ``mlas/lib/quantize.cpp``; the post-processing
+  of ``mlas/lib/x86_64/ConvSymKernelAvx512Core.S``): the per-channel multiplier is formed in
+  float32 as ``(input_scale * weight_scale[c]) / output_scale``, in that order
+  (``QLinearConv::ComputeOutputScale``, ``QGemm::ComputeOutputScale``), then
   ``q = saturate(nearbyint(float32(acc) * multiplier) + zp)``: the int32 accumulator is
   converted to float32 (round to nearest even), multiplied once, clamped to
-  ``[-zp, 255 - zp]`` and converted back with round-half-to-even.
+  ``[-zp, 255 - zp]`` and converted back rounding half to even (``requantize``).
 - **QGemm with a float output** (a Linear whose output stays float, ``quant_gemm.cc``,
   ``MLAS_QGEMM_SCALE_BIAS_OUTPUT_PROCESSOR``): ``y = float32(acc) * (input_scale * weight_scale[c])``.
-- **Fused ReLU / ReLU6**: ONNX Runtime has none; it deletes a ``Relu`` before a
-  QuantizeLinear whose uint8 zero point is 0 (``qdq_transformer/relu_quantizelinear.cc``) and a
-  ``Clip(0, 6)`` whose QuantizeLinear range ``[scale * (0 - zp), scale * (255 - zp)]`` lies
-  inside ``[0, 6]`` up to float32 epsilon (``qdq_transformer/clip_quantizelinear.cc``); the
-  uint8 saturation then does the clamping. Otherwise the activation stays a float op, the
-  convolution is not fused, and ONNX Runtime computes the layer in float (``fused_by_saturation``).
-- **QLinearAdd** (``mlas/lib/intrinsics/avx2/qladd_avx2.cpp``, the kernel chosen on every CPU
-  with AVX2): with ``r_a = scale_a / scale_c``, ``r_b = scale_b / scale_c`` and
-  ``fixed = zp_c - fma(r_a, zp_a, r_b * zp_b)`` (the compiler contracts the scalar expression
-  into one fused multiply-add), each output is ``saturate(nearbyint(fma(q_a, r_a, fma(q_b, r_b, fixed))))``
-  on the raw codes, in float32 with fused multiply-adds (``qlinear_add``). CPUs without AVX2 (SSE2)
-  and ARM (NEON, fixed point) use other formulas, which can differ at rounding ties.
+- **Fused ReLU / ReLU6**: the int8 kernels have none. ONNX Runtime deletes a ``Relu`` before a
+  QuantizeLinear whose uint8 zero point is 0 (``optimizer/qdq_transformer/relu_quantizelinear.cc``)
+  and a ``Clip(0, 6)`` whose QuantizeLinear range ``[scale * (0 - zp), scale * (255 - zp)]`` lies
+  inside ``[0, 6]`` up to float32 epsilon (``optimizer/qdq_transformer/clip_quantizelinear.cc``);
+  the uint8 saturation then clamps. Otherwise the activation stays a float op, the layer is not
+  fused, and ONNX Runtime computes it in float (``fused_by_saturation``).
+- **QLinearAdd** (``mlas/lib/intrinsics/avx2/qladd_avx2.cpp``, which ``mlas/lib/platform.cpp``
+  selects on every x86-64 CPU with AVX2): with ``r_a = scale_a / scale_c``,
+  ``r_b = scale_b / scale_c`` and ``fixed = zp_c - fma(r_a, zp_a, r_b * zp_b)`` (the compiler
+  contracts that scalar expression into a fused multiply-add), each output is
+  ``saturate(nearbyint(fma(q_a, r_a, fma(q_b, r_b, fixed))))`` on the raw codes, in float32
+  (``qlinear_add``).
 
-Pooling is not here: the exported graph averages with ``ReduceMean``, which ONNX Runtime runs
-in float between a DequantizeLinear and a QuantizeLinear, like PyTorch does.
+What is not mirrored: pooling (the exported graph averages with ``ReduceMean``, which ONNX
+Runtime runs in float between a DequantizeLinear and a QuantizeLinear, as PyTorch does, in
+its own summation order); the QLinearAdd formulas of CPUs without AVX2 (SSE2: no fused
+multiply-add) and of ARM (NEON: fixed point), which can round ties differently; and on x86-64
+CPUs without VNNI, MLAS's u8 x s8 kernels add pairs of products in saturating int16
+(``vpmaddubsw``), which can clip a large pair where this reference (and VNNI) sums exactly.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SumTracker", "accumulate_conv2d", "accumulate_linear", "codes_on_grid", "dequantize", "exact_enabled",
-           "fma32", "fused_by_saturation", "qlinear_add", "quantize", "requantize", "tag_grid"]
+__all__ = [
+    "PendingSum", "SumTracker", "accumulate_conv2d", "accumulate_linear", "codes_on_grid", "dequantize",
+    "exact_enabled", "fma32", "fused_by_saturation", "qlinear_add", "quantize", "requantize", "round_output",
+    "tag_grid",
+]
 
 _GRID = "_torchslim_grid"  # tensor attribute: the (scale, zero_point) grid an exact layer rounded it to
 _EPS32 = torch.finfo(torch.float32).eps
@@ -61,7 +68,7 @@ def exact_enabled(x: torch.Tensor) -> bool:
     never when ``x`` needs a gradient (rounding codes has none), and only for float32 inputs on
     devices with float64.
     """
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
@@ -87,7 +94,7 @@ def accumulate_conv2d(q: torch.Tensor, zero_point: torch.Tensor, qweight: torch.
     """
     x = (q - zero_point.float()).double()
     w = qweight.double() - weight_zero_point.double().reshape(-1, 1, 1, 1)
-    return F.conv2d(x, w, qbias.double(), **conv).round()  # round(): exact already on CPU, guards other backends
+    return F.conv2d(x, w, qbias.double(), **conv).round()  # exact on CPU; round() guards other backends
 
 
 def accumulate_linear(q: torch.Tensor, zero_point: torch.Tensor, qweight: torch.Tensor,
@@ -97,7 +104,8 @@ def accumulate_linear(q: torch.Tensor, zero_point: torch.Tensor, qweight: torch.
     return F.linear((q - zero_point.float()).double(), w, qbias.double()).round()
 
 
-def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: torch.Tensor,
+               qmax: int) -> torch.Tensor:
     """uint8 codes (as float) of ``saturate(nearbyint(float32(acc) * multiplier) + zp)``, as
     ``MlasRequantizeOutput``; ``multiplier`` broadcasts against ``acc`` (per output channel)."""
     return torch.clamp(torch.round(acc.float() * multiplier) + zero_point.float(), 0, qmax)
@@ -123,11 +131,10 @@ def fma32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     (TwoSum) and decides the one case where rounding twice could differ, a float64 sum lying
     exactly halfway between two float32 values.
     """
-    x, y, z = torch.broadcast_tensors(x.double(), y.double(), z.double())
-    p = x * y
-    s = p + z
+    p = x.double() * y.double()
+    s = p + z.double()
     b = s - p
-    err = (p - (s - b)) + (z - b)
+    err = (p - (s - b)) + (z.double() - b)
     r = s.float()
     off = s - r.double()
     inf = torch.full_like(r, float("inf"))
@@ -151,6 +158,18 @@ def qlinear_add(qa: torch.Tensor, grid_a: tuple[torch.Tensor, torch.Tensor], qb:
     device = qa.device
     t = fma32(qa, ratio_a.to(device), fma32(qb, ratio_b.to(device), fixed.to(device)))
     return torch.clamp(torch.round(t), 0, qmax)
+
+
+def round_output(y: torch.Tensor, pending: PendingSum | None, scale: torch.Tensor,
+                 zero_point: torch.Tensor) -> torch.Tensor:
+    """``y`` rounded to the grid ``(scale, zero_point)`` as ONNX Runtime rounds it, dequantized:
+    by QLinearAdd if ``y`` is the sum ``pending`` (with an activation the saturation applies),
+    else by QuantizeLinear (after a float ``Add`` or any other op)."""
+    if pending is not None and fused_by_saturation(pending.activation, scale, zero_point):
+        q = qlinear_add(*pending.a, *pending.b, (scale, zero_point))
+    else:
+        q = quantize(y, scale, zero_point, 255)
+    return tag_grid(dequantize(q, scale, zero_point), scale, zero_point)
 
 
 def tag_grid(t: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,7 @@ def apply(model: nn.Module, cfg: DynamicQuantizationConfig, ctx: Context) -> Out
     if skipped:
         listed = "; ".join(f"{fqn} ({why})" for fqn, why in skipped.items())
         logger.warning("quantization.dynamic: %d selected module(s) stay float: %s", len(skipped), listed)
-    stats = {"int8_layers": len(replaced)}
+    stats: dict[str, float] = {"int8_layers": len(replaced)}
     if cfg.smooth is not None:
         stats["smoothed_layers"] = len(set(replaced) & set(smooth))
     return Outcome(model=model, touched=replaced, structure={fqn: {} for fqn in replaced},

@@ -62,8 +62,9 @@ def dynamic_quantize_rows(x: torch.Tensor, *, unsigned: bool = False) -> tuple[t
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(_EPS)
     # Multiply by the reciprocal (one division per row). |x| <= amax bounds |x * inv| by
     # 127 * (1 + 2**-23)**2, which rounds to at most 127: no clamp is needed.
-    scaled = (xf * (QMAX / amax)).round_()
-    q = scaled.add_(U8_ZERO_POINT).to(torch.uint8) if unsigned else scaled.to(torch.int8)
+    q = (xf * (QMAX / amax)).round_().to(torch.int8)
+    if unsigned:  # q + 128 as uint8: flipping the sign bit of the int8 bytes, one pass over bytes
+        return q.view(torch.uint8).bitwise_xor_(U8_ZERO_POINT), amax / QMAX
     return q, amax / QMAX
 
 

@@ -76,8 +76,10 @@ class PTQConfig(MethodConfig):
         QGemm int8 kernels; the report's deployment table measures that engine. A layer whose
         input only max-pools or flattens the previous layer's output reuses that layer's grid,
         so max-pooling and residual adds between int8 layers run in uint8 there too
-        (NhwcMaxPool, QLinearAdd) with no extra rounding. In PyTorch
-        the same arithmetic runs in float (a faithful reference, not a fast kernel). Layers of
+        (NhwcMaxPool, QLinearAdd) with no extra rounding. In PyTorch the layers compute, in
+        inference, what ONNX Runtime's int8 kernels compute, code for code (exact int32
+        accumulators, its float32 requantization and QLinearAdd formulas; a reference, not a
+        fast kernel); with gradients, and when exported, they run the float QDQ form. Layers of
         other types, and BatchNorms not directly after a selected layer, stay float (the layers
         are listed in a warning). Needs ``ctx.calib_data``; follow with ``quantization.qat`` if
         the accuracy loss is too large.

@@ -2,9 +2,24 @@
 
 A ``QDQConv2d`` / ``QDQLinear`` holds everything ONNX Runtime needs to run the layer in int8:
 the symmetric per-channel int8 weight, the int32 bias, and the uint8 grids of its input and
-output. In PyTorch it computes the same arithmetic in float (the layers are reference
-implementations of the ONNX QDQ graph, not fast kernels); the int8 speed comes from the
-exported model in ONNX Runtime, which the report measures.
+output. The layers are reference implementations of the exported ONNX QDQ graph, not fast
+kernels; the int8 speed comes from the exported model in ONNX Runtime, which the report measures.
+They compute in one of two ways:
+
+- **Integer reference** (``_int_reference``): what ONNX Runtime's CPU int8 kernels compute,
+  code for code: the exact int32 accumulator plus the int32 bias, requantized with ONNX
+  Runtime's float32 formula (QLinearConv, QGemm); a ``RoundedOutput`` whose module returns the
+  sum of two int8 tensors computes it as QLinearAdd. Used in inference: when the input needs no
+  gradient, nothing is being traced, compiled or exported, activations have 8 bits and ONNX
+  Runtime does fuse the layer into an int8 kernel (a conv with a float output, a ReLU whose grid
+  does not start at 0, or a linear on more than two dimensions stay float there, and here).
+- **Float QDQ form**: the same rounding steps in float (dequantize the weights and the input,
+  float conv, quantize the output), written to ONNX as QuantizeLinear / DequantizeLinear
+  (``qdq``). Used for export and tracing (the graph must contain the QDQ ops), when a gradient
+  is wanted, and for grids narrower than 8 bits. It differs from the integer reference only
+  where a value lies within float rounding error of a rounding tie.
+
+Between layers both pass float tensors holding dequantized values, ``(q - zero_point) * scale``.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from torchslim.core.structure import rebuildable
+from torchslim.quantization import _int_reference as ref
 from torchslim.quantization.qdq import dequantize_channels, quantize_dequantize
 
 __all__ = ["ACTIVATIONS", "QDQConv2d", "QDQLinear", "QuantGrid", "RoundedOutput"]
@@ -103,15 +119,39 @@ class _QDQ(nn.Module):
         b = dequantize_channels(self.qbias, self.bias_scale, self.bias_zero_point)
         return w, b
 
-    def _output(self, y: torch.Tensor) -> torch.Tensor:
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu":
-            y = F.relu(y)
-        elif self.activation == "relu6":
-            y = F.relu6(y)
+            return F.relu(y)
+        return F.relu6(y) if self.activation == "relu6" else y
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        y = self._activate(y)
         if not self.quantize_output:
             return y
         out: torch.Tensor = quantize_dequantize(y, self.output_scale, self.output_zero_point, self.qmax)
         return out
+
+    def _exact(self, x: torch.Tensor) -> bool:
+        """Whether to compute the integer reference (see the module docstring)."""
+        if self.activation_bits != 8 or not ref.exact_enabled(x):
+            return False
+        return not self.quantize_output or ref.fused_by_saturation(
+            self.activation, self.output_scale, self.output_zero_point)
+
+    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's uint8 codes: QuantizeLinear's rounding, which also recovers the codes of
+        an input already on the grid (the dequantized output of the layer before)."""
+        return ref.quantize(x, self.input_scale, self.input_zero_point, self.qmax)
+
+    def _requantized(self, acc: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its exact int32 accumulator ``acc`` (channels on dim 1)."""
+        shape = (-1,) + (1,) * (acc.dim() - 2)
+        if not self.quantize_output:  # QGemm with a float output; the activation is a float op after it
+            return self._activate(acc.float() * (self.input_scale * self.weight_scale).reshape(shape))
+        multiplier = (self.input_scale * self.weight_scale / self.output_scale).reshape(shape)
+        q = ref.requantize(acc, multiplier, self.output_zero_point, self.qmax)  # activation: by saturation
+        return ref.tag_grid(ref.dequantize(q, self.output_scale, self.output_zero_point),
+                            self.output_scale, self.output_zero_point)
 
     def _quant_kwargs(self) -> dict[str, Any]:
         return {"activation": self.activation, "quantize_input": self.quantize_input,
@@ -151,6 +191,11 @@ class QDQConv2d(_QDQ):
         return F.conv2d(self._input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_output and self._exact(x):  # with a float output, ONNX Runtime's Conv is float
+            acc = ref.accumulate_conv2d(self._input_codes(x), self.input_zero_point, self.qweight,
+                                        self.weight_zero_point, self.qbias, stride=self.stride,
+                                        padding=self.padding, dilation=self.dilation, groups=self.groups)
+            return self._requantized(acc)
         return self._output(self.pre_activation(x))
 
     def spec_kwargs(self) -> dict[str, Any]:
@@ -186,6 +231,10 @@ class QDQLinear(_QDQ):
         return F.linear(self._input(x), w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and self._exact(x):  # exported as Gemm (QGemm); more dimensions give MatMul
+            acc = ref.accumulate_linear(self._input_codes(x), self.input_zero_point, self.qweight,
+                                        self.weight_zero_point, self.qbias)
+            return self._requantized(acc)
         return self._output(self.pre_activation(x))
 
     def spec_kwargs(self) -> dict[str, Any]:
@@ -229,9 +278,15 @@ class RoundedOutput(nn.Module):
         return wrapper.train(module.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out: torch.Tensor = quantize_dequantize(self.inner(*args, **kwargs), self.scale, self.zero_point,
-                                                (1 << self.activation_bits) - 1)
-        return out
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if self.activation_bits != 8 or first is None or not ref.exact_enabled(first):
+            out: torch.Tensor = quantize_dequantize(self.inner(*args, **kwargs), self.scale, self.zero_point,
+                                                    (1 << self.activation_bits) - 1)
+            return out
+        tracker = ref.SumTracker()  # a residual sum inside becomes QLinearAdd in ONNX Runtime
+        with tracker:
+            y = self.inner(*args, **kwargs)
+        return ref.round_output(y, tracker.sum_of(y), self.scale, self.zero_point)
 
     def spec_kwargs(self) -> dict[str, Any]:
         return {"activation_bits": self.activation_bits}
