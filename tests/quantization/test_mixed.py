@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,16 @@ def _mlp() -> nn.Module:
                          nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Layer timings on one thread: on a shared machine a second thread waits for a core per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_latency_budget_mixes_int8_and_float_layers_and_reloads(tmp_path: Path) -> None:
     batches = [torch.randn(256, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     cfg = MixedPrecisionConfig(latency_budget=0.95)
@@ -115,6 +126,7 @@ def test_latency_budget_mixes_int8_and_float_layers_and_reloads(tmp_path: Path) 
         torch.testing.assert_close(load(tmp_path / "run", _mlp)(batches[0]), out, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_latency_budget_out_of_reach_or_outside_0_1_is_a_config_error() -> None:
     batches = [torch.randn(64, 256)]
     with pytest.raises(ConfigError, match="out of reach"):
