@@ -136,11 +136,12 @@ def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--smooth", type=float, default=0.7, help="SmoothQuant alpha of the smoothed variant")
     parser.add_argument("--mixed-budget", type=float, default=0.6,
                         help="latency_budget of the quantization.mixed variant (fraction of fp32 latency)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tok, fp32 = minilm.load_minilm_tokenizer(), minilm.load_minilm()
@@ -220,8 +221,8 @@ def main() -> None:
               _mixed_line(mixed_name, mixed_run.record.outcomes[0].stats, args.mixed_budget, latency, quality),
               "Targets (issue 13): >= 2.0x faster than fp32 and faster than both peers, Lee Pearson drop <= 0.01, "
               "WS-353 drop <= 0.02.",
-              f"Machine: {platform.processor() or platform.machine()}, 2 threads, shared (load average "
-              f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Reproduce: `python bench/quant_minilm.py`.", ""]
+              f"Machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), shared (load average "
+              f"{os.getloadavg()[0]:.1f}); torch {torch.__version__}. Reproduce: `python bench/quant_minilm.py --threads {args.threads}`.", ""]
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")
 

@@ -250,4 +250,4 @@ def _apply_latency(model: nn.Module, layers: dict[str, nn.Linear], budget: float
     return Outcome(model=model, touched=done, structure={f: {} for f in done}, stats=stats,
                    layers={f: {"bits": alloc[f]} for f in alloc},
                    fronts={"latency / float latency (predicted)|summed output error (calibration)":
-                           [[(plan.outside_ms + c) / plan.float_ms, e] for c, e in front]})
+                           [[(plan.int8_ms + c) / plan.float_ms, e] for c, e in front]})
