@@ -172,3 +172,9 @@ def test_smoothing_needs_calibration_data_and_a_strength_in_0_1() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="smooth"):
             DynamicQuantizationConfig(smooth=bad)
+
+
+def test_activation_scale_is_row_or_tensor() -> None:
+    assert DynamicQuantizationConfig().activation_scale == "row"
+    with pytest.raises(ConfigError, match="activation_scale"):
+        DynamicQuantizationConfig(activation_scale="channel")

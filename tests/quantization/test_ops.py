@@ -113,3 +113,28 @@ def test_smoothed_layers_export_their_input_scale_as_a_mul(tmp_path: Path) -> No
     found = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(found, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_per_tensor_activations_run_fused_and_export_the_same_arithmetic(tmp_path: Path) -> None:
+    from torchslim.export import export_onnx
+    from torchslim.quantization.primitives import int8_linear_per_tensor, pack_int8_weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    apply(model, DynamicQuantizationConfig(activation_scale="tensor"), Context())
+    layer = model[0]
+    assert isinstance(layer, DynamicQuantLinear) and layer.per_tensor
+    x = torch.randn(16, 32)
+    with torch.no_grad():  # oneDNN's fused epilogue against the plain int8 product rescaled afterwards
+        fused = int8_linear_per_tensor(x, layer.qweight, layer.scale, layer.bias,
+                                       pack_int8_weight(layer.qweight, always=True))
+        plain = int8_linear_per_tensor(x, layer.qweight, layer.scale, layer.bias, None)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        step = float(x.abs().max()) / 127  # one step for every row, the largest row's
+        exact = F.linear(torch.round(x / step) * step, layer.qweight.float() * layer.scale[:, None], layer.bias)
+        torch.testing.assert_close(plain, exact, rtol=1e-4, atol=1e-4)
+    export_onnx(model.eval(), x, tmp_path / "pt.onnx")
+    session = ort.InferenceSession(str(tmp_path / "pt.onnx"), providers=["CPUExecutionProvider"])
+    found = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(found, model(x), rtol=1e-4, atol=1e-4)

@@ -52,6 +52,9 @@ class DynamicQuantizationConfig(MethodConfig):
             ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and weight column ``j`` multiplied
             by it, so outlier channels of the activations no longer set every row's scale.
         batches: Calibration batches read for ``smooth``.
+        activation_scale: ``row``: one scale per input row (token), the accurate default;
+            ``tensor``: one per call, applied with the weight scales and the bias inside
+            oneDNN's int8 GEMM, which leaves nothing to do on the output (faster, coarser).
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
 
@@ -89,6 +92,7 @@ class DynamicQuantizationConfig(MethodConfig):
     per_channel: bool = True
     smooth: float | None = None
     batches: int = 8
+    activation_scale: str = "row"
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
 
@@ -99,6 +103,9 @@ class DynamicQuantizationConfig(MethodConfig):
             check(0.0 <= self.smooth <= 1.0,
                   f"quantization.dynamic: smooth must be in [0, 1] (or null); found {self.smooth!r}")
         check(self.batches >= 1, f"quantization.dynamic: batches must be >= 1; found {self.batches!r}")
+        check(self.activation_scale in ("row", "tensor"),
+              "quantization.dynamic: activation_scale must be 'row' or 'tensor'; "
+              f"found {self.activation_scale!r}")
 
 
 def _check_bits(field: str, bits: object) -> None:
@@ -123,7 +130,8 @@ def apply(model: nn.Module, cfg: DynamicQuantizationConfig, ctx: Context) -> Out
             skipped[fqn] = reason
             return None
         assert isinstance(module, nn.Linear)  # _why_not checked the type
-        new = DynamicQuantLinear.from_linear(module, per_channel=cfg.per_channel, smooth=smooth.get(fqn))
+        new = DynamicQuantLinear.from_linear(module, per_channel=cfg.per_channel, smooth=smooth.get(fqn),
+                                             per_tensor=cfg.activation_scale == "tensor")
         return new.train(module.training)
 
     replaced = surgery.replace_modules(model, matches, build)

@@ -25,6 +25,8 @@ class DynamicQuantLinear(nn.Module):
     weight for inputs of 2 to 128 rows (see ``pack_int8_weight``); it is rebuilt whenever
     ``qweight`` changes.
 
+    With ``per_tensor`` one scale covers the whole input and oneDNN applies it, the weight
+    scales and the bias inside the GEMM (faster, coarser; see ``int8_linear_per_tensor``).
     With ``smoothed`` (SmoothQuant), the layer first multiplies its input by the buffer
     ``input_scale`` (in,), whose inverse was folded into the weight's columns: the float
     product is unchanged while the input's outlier channels shrink before they are rounded.
@@ -43,12 +45,13 @@ class DynamicQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  per_channel: bool = True, device: torch.device | str | None = None,
-                 smoothed: bool = False) -> None:
+                 smoothed: bool = False, per_tensor: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.per_channel = per_channel
         self.smoothed = smoothed
+        self.per_tensor = per_tensor
         if smoothed:
             self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
@@ -62,14 +65,15 @@ class DynamicQuantLinear(nn.Module):
         packed = None if torch.compiler.is_compiling() else self._packed_weight()
         if self.smoothed:
             x = x * self.input_scale.to(x.dtype)
-        out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed)
+        out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed,
+                                                 self.per_tensor)
         return out
 
     def _packed_weight(self) -> torch.Tensor | None:
         """The cached ``pack_int8_weight(qweight)``, rebuilt whenever ``qweight`` changed."""
         key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version)
         if self._packed_key != key:
-            self._packed, self._packed_key = pack_int8_weight(self.qweight), key
+            self._packed, self._packed_key = pack_int8_weight(self.qweight, always=self.per_tensor), key
         return self._packed
 
     def __getstate__(self) -> dict[str, Any]:
@@ -79,16 +83,18 @@ class DynamicQuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True,
-                    smooth: torch.Tensor | None = None) -> DynamicQuantLinear:
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True, smooth: torch.Tensor | None = None,
+                    per_tensor: bool = False) -> DynamicQuantLinear:
         """Quantize ``linear``'s weight (symmetric int8); the bias is copied unchanged.
 
         ``smooth`` (in,), positive: input column ``j`` is divided by ``smooth[j]`` at run time
         and weight column ``j`` multiplied by it before rounding (SmoothQuant's migration).
+        ``per_tensor``: one activation scale per call instead of one per row.
         """
         weight = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  per_channel=per_channel, device=weight.device, smoothed=smooth is not None)
+                  per_channel=per_channel, device=weight.device, smoothed=smooth is not None,
+                  per_tensor=per_tensor)
         if weight.is_meta:  # nothing to copy from a meta tensor
             return new
         if smooth is not None:
@@ -119,9 +125,12 @@ class DynamicQuantLinear(nn.Module):
                                        "bias": self.bias is not None, "per_channel": self.per_channel}
         if self.smoothed:
             spec["smoothed"] = True
+        if self.per_tensor:
+            spec["per_tensor"] = True
         return spec
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight=int8 {kind}" + (", smoothed" if self.smoothed else ""))
+                f"bias={self.bias is not None}, weight=int8 {kind}" + (", smoothed" if self.smoothed else "")
+                + (", per-tensor activations" if self.per_tensor else ""))

@@ -13,7 +13,13 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from torchslim.core.onnx_ops import register_translation
-from torchslim.quantization.primitives import QMAX, U8_ZERO_POINT, dequantize, int8_linear
+from torchslim.quantization.primitives import (
+    QMAX,
+    U8_ZERO_POINT,
+    dequantize,
+    int8_linear,
+    int8_linear_per_tensor,
+)
 
 __all__ = ["dynamic_quant_linear", "onnx_dynamic_quant_linear"]
 
@@ -27,24 +33,28 @@ def dynamic_quant_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     packed: torch.Tensor | None = None,
+    per_tensor: bool = False,
 ) -> torch.Tensor:
-    """``x @ (qweight * scale[:, None]).T + bias`` through an int8 GEMM (see ``int8_linear``)."""
+    """``x @ (qweight * scale[:, None]).T + bias`` through an int8 GEMM (see ``int8_linear``;
+    ``per_tensor``: one activation scale for all of ``x``, ``int8_linear_per_tensor``)."""
+    if per_tensor:
+        return int8_linear_per_tensor(x, qweight, scale, bias, packed)
     return int8_linear(x, qweight, scale, bias, packed)
 
 
 @dynamic_quant_linear.register_fake
-def _fake(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-          bias: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
+def _fake(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+          packed: torch.Tensor | None = None, per_tensor: bool = False) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    _, qweight, scale, bias, _ = inputs
+    _, qweight, scale, bias, _, _ = inputs
     ctx.save_for_backward(qweight, scale)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-_Grads = tuple[torch.Tensor | None, None, None, torch.Tensor | None, None]
+_Grads = tuple[torch.Tensor | None, None, None, torch.Tensor | None, None, None]
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> _Grads:
@@ -54,13 +64,14 @@ def _backward(ctx: Any, grad: torch.Tensor) -> _Grads:
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None
+    return grad_x, None, None, grad_bias, None, None
 
 
 dynamic_quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def onnx_dynamic_quant_linear(x: Any, qweight: Any, scale: Any, bias: Any = None, packed: Any = None) -> Any:
+def onnx_dynamic_quant_linear(x: Any, qweight: Any, scale: Any, bias: Any = None, packed: Any = None,
+                              per_tensor: bool = False) -> Any:
     """ONNX form of the op, for the dynamo exporter's ``custom_translation_table``.
 
     The same arithmetic as ``int8_linear`` in the same order, so ONNX Runtime matches
@@ -68,13 +79,16 @@ def onnx_dynamic_quant_linear(x: Any, qweight: Any, scale: Any, bias: Any = None
     (zero point 128: ONNX Runtime 1.32 ran u8 x s8 ``MatMulInteger`` in 2.8 ms where s8 x s8
     took 24 ms, 1024 x 384 -> 1536), ``MatMulInteger`` against the int8 weight, then
     ``acc * scale * (amax / 127) + bias``. Float32 activations are expected; ``packed``
-    (a PyTorch-only cache) is never exported.
+    (a PyTorch-only cache) is never exported. ``per_tensor`` takes ``amax`` over all of ``x``.
     """
     from onnxscript import opset18  # the exporter's torchlib opset; imported lazily
 
     op: Any = opset18  # its typed stubs cannot follow values built inside this function
-    axes = op.Constant(value_ints=[-1])
-    amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
+    if per_tensor:  # no axes: over every element, to a scalar
+        amax = op.Max(op.ReduceMax(x, keepdims=0), op.Neg(op.ReduceMin(x, keepdims=0)))
+    else:
+        axes = op.Constant(value_ints=[-1])
+        amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
     amax = op.Max(amax, op.Constant(value_float=1e-12))
     qmax = op.Constant(value_float=float(QMAX))
     q = op.Round(op.Mul(x, op.Div(qmax, amax)))  # in [-127, 127], see dynamic_quantize_rows

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["PACK_MAX_ROWS", "PACK_MIN_WEIGHTS", "QMAX", "U8_ZERO_POINT", "dequantize",
-           "dynamic_quantize_rows", "int8_linear", "int8_matmul", "pack_int8_weight",
-           "quantize_per_channel_symmetric"]
+           "dynamic_quantize_rows", "int8_linear", "int8_linear_per_tensor", "int8_matmul",
+           "pack_int8_weight", "quantize_per_channel_symmetric"]
 
 QMAX = 127
 PACK_MIN_WEIGHTS = 1 << 20  # weights this large get a oneDNN-packed copy (see pack_int8_weight)
@@ -82,7 +82,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).to(torch.int32)
 
 
-def pack_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
+def pack_int8_weight(qweight: torch.Tensor, *, always: bool = False) -> torch.Tensor | None:
     """oneDNN's pre-packed copy of a large int8 (out, in) weight for ``int8_linear``, else None.
 
     ``torch._int_mm`` re-lays out its weight operand at every call. For large weights and
@@ -102,11 +102,13 @@ def _onednn_ops() -> bool:
     return available and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def _packed_linear(q_u8: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``float(q_u8 - 128) @ W_int8.T * scale`` by oneDNN, bit-equal to ``float(_int_mm) * scale``."""
+def _packed_linear(q_u8: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   x_scale: float = 1.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``float(q_u8 - 128) @ W_int8.T * scale * x_scale + bias`` by oneDNN, scales and bias
+    applied in the GEMM's epilogue; with the defaults bit-equal to ``float(_int_mm) * scale``."""
     zero_points = torch.zeros(scale.shape[0], dtype=torch.long)
     out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(  # output scale 1, no fused post-op
-        q_u8, 1.0, U8_ZERO_POINT, packed, scale.float(), zero_points, None,
+        q_u8, x_scale, U8_ZERO_POINT, packed, scale.float(), zero_points, bias,
         1.0, 0, torch.float32, "none", [], "")
     return out
 
@@ -147,4 +149,34 @@ def int8_linear(
     out = out.mul_(row_scale).reshape(*lead, qweight.shape[0])
     if bias is not None:
         out.add_(bias)  # in place into float32, whatever the bias dtype
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def int8_linear_per_tensor(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``int8_linear`` with one activation scale for the whole input instead of one per row.
+
+    Coarser (one outlier row sets every row's step) but one scale lets oneDNN apply it, the
+    weight scales and the bias inside the GEMM (``packed`` from ``pack_int8_weight(...,
+    always=True)``), so nothing is left to do on the output. Without ``packed`` (other devices,
+    builds without oneDNN) the product is ``int8_matmul`` rescaled afterwards.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    xf = flat if flat.dtype == torch.float32 else flat.float()
+    amax = max(float(xf.abs().amax()), _EPS) if xf.numel() else 1.0
+    q = (xf * (QMAX / amax)).round_().to(torch.int8)  # |x| <= amax: within [-127, 127], see above
+    b = None if bias is None else bias.float()
+    if packed is not None and q.shape[0] > 0:
+        out = _packed_linear(q.view(torch.uint8).bitwise_xor_(U8_ZERO_POINT), packed, scale, amax / QMAX, b)
+    else:
+        out = int8_matmul(q, qweight.t()).float().mul_(scale * (amax / QMAX))
+        if b is not None:
+            out.add_(b)
+    out = out.reshape(*lead, qweight.shape[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
