@@ -148,6 +148,8 @@ def _bench(label: str, fp32: nn.Module, ours: nn.Module, calib: list[torch.Tenso
               "kernels: float ops between the rounding nodes) agrees with the optimized run on "
               f"{float((unfused.argmax(1) == logits['torchslim int8 onnxruntime'].argmax(1)).float().mean()) * 100:.2f}%: "
               "rounding ties decided differently by integer and float accumulation alone flip that share. "
+              "The PyTorch reference computes what the int8 kernels compute (exact int32 accumulators, "
+              "ONNX Runtime's requantization and QLinearAdd formulas), so it agrees with the optimized run. "
               "Our int8 vs the peer's int8 latency: "
               f"{ms['onnxruntime quantize_static int8'] / ms['torchslim int8 onnxruntime']:.2f}x "
               "(> 1 means ours is faster).", "",

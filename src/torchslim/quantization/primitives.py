@@ -88,10 +88,12 @@ def pack_int8_weight(qweight: torch.Tensor, *, always: bool = False) -> torch.Te
     ``torch._int_mm`` re-lays out its weight operand at every call. For large weights and
     few rows that dominates: 4096 x 4096 at 8 rows took 8.4 ms against 1.8 ms packed
     (9.1 ms in fp32), on one AVX-512 core. Packing pays from about 2**20 weights; smaller
-    ones, non-CPU tensors and builds without oneDNN get None. The copy is opaque (not
+    ones (unless ``always``: ``int8_linear_per_tensor`` fuses its scales into the packed GEMM),
+    non-CPU tensors and builds without oneDNN get None. The copy is opaque (not
     serializable), so callers keep it as a cache beside ``qweight``.
     """
-    if qweight.device.type != "cpu" or qweight.numel() < PACK_MIN_WEIGHTS or not _onednn_ops():
+    small = qweight.numel() < PACK_MIN_WEIGHTS and not always
+    if qweight.device.type != "cpu" or small or not _onednn_ops():
         return None
     packed: torch.Tensor = torch.ops.onednn.qlinear_prepack(qweight, None)
     return packed
