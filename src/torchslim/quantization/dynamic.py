@@ -83,7 +83,8 @@ class DynamicQuantizationConfig(MethodConfig):
         are listed in a warning. For 4-bit or 3-bit weights use ``quantization.weight_only``.
         With ``smooth`` each layer multiplies its input by ``1 / s`` before rounding it (one
         elementwise product, exported to ONNX as ``Mul``); on all-MiniLM-L6-v2, alpha 0.7
-        brought the embeddings' mean cosine to fp32 from 0.9970 to 0.9991.
+        raised the embeddings' mean cosine to fp32 from 0.9968 to 0.9987 and the smallest
+        cosine between ONNX Runtime's and PyTorch's embeddings from 0.9968 to 0.9996.
     """
 
     name: ClassVar[str] = "quantization.dynamic"
