@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from tiny_mobilenet import AVX2, TinyMobileNet, images
 from torchslim.quantization import PTQConfig, QDQConv2d, QDQLinear, RoundedOutput
 from torchslim.quantization._int_reference import (
     SumTracker,
@@ -23,53 +24,11 @@ from torchslim.quantization._int_reference import (
 )
 from torchslim.quantization.static_modules import QuantGrid
 
-# QLinearAdd's formula is that of ONNX Runtime's AVX2 kernel; other CPUs round some ties differently
-_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-class _Inverted(nn.Module):
-    """MobileNetV2's inverted residual: 1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project, + x."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.expand = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
-                                       nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.project(self.depthwise(self.expand(x)))
-
-
-class _TinyMobileNet(nn.Module):
-    """Stem (ReLU), two residual blocks (depthwise widths 16, a ConvSym kernel, and 24, the generic
-    one), global average pooling and a linear head with float logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.blocks = nn.Sequential(_Inverted(8, 16), _Inverted(8, 24))
-        self.head = nn.Linear(8, 5)
-        for m in self.modules():  # non-trivial BN statistics, as after training
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
 
 def _int8_model() -> nn.Module:
-    calib = [_images(16, seed) for seed in range(4)]
+    calib = [images(16, seed) for seed in range(4)]
     ctx = ts.Context(example_inputs=calib[0][:2], calib_data=calib, seed=0)
-    return ts.apply(_TinyMobileNet().eval(), PTQConfig(bias_correction=True), ctx).model.eval()
+    return ts.apply(TinyMobileNet().eval(), PTQConfig(bias_correction=True), ctx).model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +38,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]
     from torchslim.export.onnx import export_onnx
 
     q, path = _int8_model(), tmp_path_factory.mktemp("int8") / "m.onnx"
-    export_onnx(q, _images(2, 9), path)
+    export_onnx(q, images(2, 9), path)
     return q, path
 
 
@@ -99,7 +58,7 @@ def _float_path(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x.clone().requires_grad_(True)).detach()
 
 
-@pytest.mark.skipif(not _AVX2, reason="QLinearAdd's rounding is that of the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason="QLinearAdd's rounding is that of the AVX2 kernel")
 def test_int8_model_matches_onnx_runtime_bit_for_bit(exported: tuple[nn.Module, Path]) -> None:
     from torchslim.export.onnx import OnnxModule
 
@@ -107,7 +66,7 @@ def test_int8_model_matches_onnx_runtime_bit_for_bit(exported: tuple[nn.Module, 
     assert isinstance(q.blocks[0], RoundedOutput)  # block 0's sum feeds block 1: rounded, a QLinearAdd
     ops = _optimized_ops(path)
     assert ops.count("QLinearConv") == 7 and ops.count("QLinearAdd") == 1 and ops.count("QGemm") == 1, ops
-    x = _images(64, 10)
+    x = images(64, 10)
     with torch.inference_mode():
         ours = q(x)
     theirs = OnnxModule(path)(x)
@@ -146,14 +105,14 @@ def test_export_and_gradients_take_the_float_qdq_form(exported: tuple[nn.Module,
         [m for m in q.modules() if isinstance(m, RoundedOutput)])
     assert ops.count("QuantizeLinear") == roundings and ops.count("Conv") == 7 and ops.count("Gemm") == 1, ops
     assert not {"Round", "Cast", "Floor"} & set(ops), ops  # nothing of the integer reference was traced
-    layer, x = q.stem[0], _images(4, 12)
+    layer, x = q.stem[0], images(4, 12)
     with torch.no_grad():
         floats = layer._output(layer.pre_activation(x))
     with torch.enable_grad():  # an input that needs a gradient takes the float form too
         torch.testing.assert_close(layer(x.requires_grad_(True)), floats, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not _AVX2, reason="the formula of ONNX Runtime's AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason="the formula of ONNX Runtime's AVX2 kernel")
 @pytest.mark.parametrize("scales, zero_points", [
     ((0.05, 0.031, 0.07), (128, 3, 77)),
     ((0.02, 0.04, 0.02), (0, 255, 128)),  # ratios 1 and 2: many exact ties

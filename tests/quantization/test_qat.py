@@ -9,65 +9,25 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from tiny_mobilenet import AVX2, TinyMobileNet, images
 from torchslim.core import Step, TrainedMethod
 from torchslim.quantization import QDQConv2d, RoundedOutput
 from torchslim.quantization.qat import QAT, FakeQuantLayer, FakeRoundedOutput, QATConfig
 from torchslim.recipes import TrainSpec
 from torchslim.train import fit
 
-# QLinearAdd's formula is that of ONNX Runtime's AVX2 kernel; other CPUs round some ties differently
-_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-class _Inverted(nn.Module):
-    """MobileNetV2's inverted residual: 1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project, + x."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.expand = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
-                                       nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.project(self.depthwise(self.expand(x)))
-
-
-class _ResidualNet(nn.Module):
-    """Stem, two residual blocks (block 0's sum feeds block 1), average pooling, a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.blocks = nn.Sequential(_Inverted(8, 16), _Inverted(8, 24))
-        self.head = nn.Linear(8, 5)
-        for m in self.modules():  # non-trivial BN statistics, as after training
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
 
 def _ctx() -> ts.Context:
-    teacher = _ResidualNet().eval()
+    teacher = TinyMobileNet().eval()
     with torch.no_grad():
-        data = [(x, teacher(x).argmax(1)) for x in (_images(16, seed) for seed in range(4))]
+        data = [(x, teacher(x).argmax(1)) for x in (images(16, seed) for seed in range(4))]
     return ts.Context(example_inputs=data[0][0][:2], train_data=data, calib_data=[x for x, _ in data], seed=0)
 
 
 def _trained(estimator: str) -> tuple[nn.Module, QAT, ts.Context]:
     """The fake-quantized model after a few QAT steps (before ``on_end``)."""
     method, ctx = QAT(QATConfig(estimator=estimator)), _ctx()
-    model = fit(_ResidualNet().eval(), TrainSpec(steps=6, lr=1e-3), [method], ctx)
+    model = fit(TinyMobileNet().eval(), TrainSpec(steps=6, lr=1e-3), [method], ctx)
     return model, method, ctx
 
 
@@ -81,7 +41,7 @@ def test_the_residual_sum_is_fake_quantized_on_the_grid_its_reader_keeps(estimat
     assert method.cal is not None and "blocks.0.inner.project.0" in method.fusions
     start, trained = method.cal.rounded["blocks.0"], wrapper.grid()
     assert trained.scale != start.scale  # the grid moved while training (moving average or LSQ)
-    x = _images(8, 20)
+    x = images(8, 20)
     with torch.no_grad():
         codes = wrapper(model.stem(x)) / wrapper.scale + wrapper.zero_point
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the grid
@@ -102,10 +62,10 @@ def test_the_residual_sum_is_fake_quantized_on_the_grid_its_reader_keeps(estimat
 
 def test_gradients_pass_the_rounded_sum_and_reach_its_step_size() -> None:
     method, ctx = QAT(QATConfig(estimator="lsq")), _ctx()
-    model = method.on_start(_ResidualNet().train(), ctx)
+    model = method.on_start(TinyMobileNet().train(), ctx)
     wrapper = model.blocks[0]
     assert isinstance(wrapper, FakeRoundedOutput) and isinstance(wrapper.scale, nn.Parameter)
-    model(_images(8, 21)).square().sum().backward()
+    model(images(8, 21)).square().sum().backward()
     assert wrapper.scale.grad is not None and float(wrapper.scale.grad.abs()) > 0
     for layer in (model.stem[0], wrapper.inner.project[0]):  # straight through the sum's rounding
         assert float(layer.layer.weight.grad.abs().sum()) > 0
@@ -121,33 +81,33 @@ def _optimized_ops(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
 
 
-@pytest.mark.skipif(not _AVX2, reason="QLinearAdd's rounding is that of the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason="QLinearAdd's rounding is that of the AVX2 kernel")
 @pytest.mark.parametrize("estimator", ["ste", "lsq"])
 def test_qat_model_matches_onnx_runtime_bit_for_bit_and_reloads(estimator: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     from torchslim.export import load, save
     from torchslim.export.onnx import OnnxModule, export_onnx
 
-    result = ts.apply(_ResidualNet().eval(), QATConfig(estimator=estimator), _ctx(), steps=6, lr=1e-3)
+    result = ts.apply(TinyMobileNet().eval(), QATConfig(estimator=estimator), _ctx(), steps=6, lr=1e-3)
     q = result.model
     assert isinstance(q.blocks[0], RoundedOutput) and not isinstance(q.blocks[1], RoundedOutput)
-    export_onnx(q, _images(2, 9), tmp_path / "m.onnx")
+    export_onnx(q, images(2, 9), tmp_path / "m.onnx")
     ops = _optimized_ops(tmp_path / "m.onnx")
     assert ops.count("QLinearConv") == 7 and ops.count("QGemm") == 1, ops
     assert ops.count("QLinearAdd") == 1 and ops.count("Add") == 1, ops  # block 1's sum: pooled in float
-    x = _images(64, 10)
+    x = images(64, 10)
     with torch.inference_mode():
         ours = q(x)
     assert torch.equal(ours, OnnxModule(tmp_path / "m.onnx")(x))  # every code of every layer equal
     save(result, tmp_path / "run")
-    reloaded = load(tmp_path / "run", _ResidualNet)
+    reloaded = load(tmp_path / "run", TinyMobileNet)
     assert isinstance(reloaded.blocks[0], RoundedOutput)
     with torch.inference_mode():
         assert torch.equal(reloaded(x), ours)
 
 
 def test_round_outputs_false_keeps_the_sums_float() -> None:
-    result = ts.apply(_ResidualNet().eval(), QATConfig(round_outputs=False), _ctx(), steps=2, lr=1e-3)
+    result = ts.apply(TinyMobileNet().eval(), QATConfig(round_outputs=False), _ctx(), steps=2, lr=1e-3)
     assert not any(isinstance(m, RoundedOutput) for m in result.model.modules())
     assert result.model.blocks[1].expand[0].quantize_input  # the reader rounds the float sum itself
     assert result.record.outcomes[-1].stats["rounded_outputs"] == 0
@@ -168,12 +128,12 @@ class _KillAt(TrainedMethod):
 @pytest.mark.parametrize("estimator", ["ste", "lsq"])
 def test_a_killed_qat_run_resumes_to_the_same_grids_and_weights(estimator: str, tmp_path: Path) -> None:
     ctx, spec, cfg = _ctx(), TrainSpec(epochs=2, lr=1e-3), QATConfig(estimator=estimator)
-    full = fit(_ResidualNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "full")
+    full = fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "full")
     steps = len(ctx.train_data)
     with pytest.raises(_Stop):  # killed in the middle of epoch 2
-        fit(_ResidualNet().eval(), spec, [QAT(cfg), _KillAt(steps + 1)], ctx, checkpoint_dir=tmp_path / "killed")
+        fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(steps + 1)], ctx, checkpoint_dir=tmp_path / "killed")
     assert [p.name for p in (tmp_path / "killed").glob("train-*.pt")] == ["train-1.pt"]
-    resumed = fit(_ResidualNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "killed")
+    resumed = fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "killed")
     assert isinstance(resumed.blocks[0], FakeRoundedOutput)
     expected = full.state_dict()
     assert "blocks.0.scale" in expected and expected.keys() == resumed.state_dict().keys()
