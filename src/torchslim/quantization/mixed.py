@@ -67,8 +67,9 @@ class MixedPrecisionConfig(MethodConfig):
         block, so peak memory is the model plus one block's activations.
         Under ``latency_budget`` the sensitivity of a layer is instead the relative squared error
         of the model's output on up to 4 calibration batches with that layer alone in int8, and
-        its cost is its measured latency in each form; the layers kept float are those with the
-        most error per millisecond saved. The report gives the predicted and the measured
+        its cost is the time it saves in int8 (timed alone in each form, scaled so the savings
+        add up to the measured all-float minus all-int8 model time); the layers kept float are
+        those with the most error per millisecond saved. The report gives the predicted and the measured
         latency fraction (``stats``) and the front of (latency fraction, summed error).
     """
 
