@@ -34,15 +34,20 @@ class TinyMobileNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.blocks = nn.Sequential(Inverted(8, 16), Inverted(8, 24))
         self.head = nn.Linear(8, 5)
-        for m in self.modules():  # non-trivial BN statistics, as after training
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
+        trained_batchnorms(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def trained_batchnorms(model: nn.Module) -> None:
+    """Give every BatchNorm2d non-trivial statistics and affine terms, as after training."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
 
 
 def images(n: int, seed: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import torchslim as ts
+from interrupt import KillAt, Stop
 from tiny_models import MLP
 from torchslim.core import Context, Step, TrainedMethod, surgery
 from torchslim.errors import ConfigError
@@ -108,31 +109,21 @@ def test_compress_bakes_the_masks_and_records_the_outcome() -> None:
     assert row.method == "pruning.gradual" and row.stats["sparsity"] == 0.5
 
 
-class _Stop(Exception):
-    pass
-
-
-class _KillAt(TrainedMethod):
-    def on_step(self, step: Step) -> None:
-        if step.index == self.cfg:
-            raise _Stop
-
-
 def test_resume_after_a_kill_is_bit_identical(tmp_path: Path) -> None:
     data, spec = _data(), TrainSpec(epochs=3, batch_size=32)  # 8 steps an epoch, 24 in all
     cfg = GradualPruningConfig(sparsity=0.8, end=0.8, frequency=3)  # updates at 0, 3, ..., 18, 19
     torch.manual_seed(0)
     full = MLP()
-    fit(full, spec, [GradualPruning(cfg), _KillAt(-1)], Context(train_data=data, seed=1),
+    fit(full, spec, [GradualPruning(cfg), KillAt(-1)], Context(train_data=data, seed=1),
         checkpoint_dir=tmp_path / "full")
     torch.manual_seed(0)
-    with pytest.raises(_Stop):  # killed in epoch 2, after the checkpoint of epoch 1
-        fit(MLP(), spec, [GradualPruning(cfg), _KillAt(11)], Context(train_data=data, seed=1),
+    with pytest.raises(Stop):  # killed in epoch 2, after the checkpoint of epoch 1
+        fit(MLP(), spec, [GradualPruning(cfg), KillAt(11)], Context(train_data=data, seed=1),
             checkpoint_dir=tmp_path / "killed")
     torch.manual_seed(123)
     resumed = MLP()
     method = GradualPruning(cfg)
-    fit(resumed, spec, [method, _KillAt(-1)], Context(train_data=data, seed=1),
+    fit(resumed, spec, [method, KillAt(-1)], Context(train_data=data, seed=1),
         checkpoint_dir=tmp_path / "killed")
     assert method.state_dict() == {"sparsity": 0.8, "last_update": 19}
     full_state, resumed_state = full.state_dict(), resumed.state_dict()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from tiny_mobilenet import trained_batchnorms
 from torchslim.errors import ConfigError, DataError
 from torchslim.quantization import PTQConfig, QDQConv2d, QDQLinear
 from torchslim.quantization._static import fuse
@@ -24,12 +25,7 @@ def _cnn() -> nn.Module:
         nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
         nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    for m in model.modules():  # non-trivial BN statistics, as after training
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    trained_batchnorms(model)
     return model.eval()
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from interrupt import KillAt, Stop
 from tiny_mobilenet import AVX2, TinyMobileNet, images
-from torchslim.core import Step, TrainedMethod
 from torchslim.quantization import QDQConv2d, RoundedOutput
 from torchslim.quantization.qat import QAT, FakeQuantLayer, FakeRoundedOutput, QATConfig
 from torchslim.recipes import TrainSpec
@@ -113,27 +113,15 @@ def test_round_outputs_false_keeps_the_sums_float() -> None:
     assert result.record.outcomes[-1].stats["rounded_outputs"] == 0
 
 
-class _Stop(Exception):
-    pass
-
-
-class _KillAt(TrainedMethod):
-    """Raises at a given step, like a process killed mid-epoch."""
-
-    def on_step(self, step: Step) -> None:
-        if step.index == self.cfg:
-            raise _Stop
-
-
 @pytest.mark.parametrize("estimator", ["ste", "lsq"])
 def test_a_killed_qat_run_resumes_to_the_same_grids_and_weights(estimator: str, tmp_path: Path) -> None:
     ctx, spec, cfg = _ctx(), TrainSpec(epochs=2, lr=1e-3), QATConfig(estimator=estimator)
-    full = fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "full")
+    full = fit(TinyMobileNet().eval(), spec, [QAT(cfg), KillAt(-1)], ctx, checkpoint_dir=tmp_path / "full")
     steps = len(ctx.train_data)
-    with pytest.raises(_Stop):  # killed in the middle of epoch 2
-        fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(steps + 1)], ctx, checkpoint_dir=tmp_path / "killed")
+    with pytest.raises(Stop):  # killed in the middle of epoch 2
+        fit(TinyMobileNet().eval(), spec, [QAT(cfg), KillAt(steps + 1)], ctx, checkpoint_dir=tmp_path / "killed")
     assert [p.name for p in (tmp_path / "killed").glob("train-*.pt")] == ["train-1.pt"]
-    resumed = fit(TinyMobileNet().eval(), spec, [QAT(cfg), _KillAt(-1)], ctx, checkpoint_dir=tmp_path / "killed")
+    resumed = fit(TinyMobileNet().eval(), spec, [QAT(cfg), KillAt(-1)], ctx, checkpoint_dir=tmp_path / "killed")
     assert isinstance(resumed.blocks[0], FakeRoundedOutput)
     expected = full.state_dict()
     assert "blocks.0.scale" in expected and expected.keys() == resumed.state_dict().keys()

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from interrupt import KillAt, Stop
 from tiny_models import CASES, MLP
 from torchslim.core import Context, Step, TrainedMethod
 from torchslim.distillation.logits import LogitDistillation, LogitDistillationConfig
@@ -44,18 +45,6 @@ def test_fit_restores_training_mode_and_is_seeded() -> None:
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
-class _Stop(Exception):
-    pass
-
-
-class _KillAt(TrainedMethod):
-    """Raises at a given step, like a process killed mid-epoch."""
-
-    def on_step(self, step: Step) -> None:
-        if step.index == self.cfg:
-            raise _Stop
-
-
 def test_resume_after_a_kill_mid_epoch_matches_uninterrupted(tmp_path: Path) -> None:
     data, spec = _data(), TrainSpec(epochs=3, batch_size=32)
     torch.manual_seed(0)
@@ -63,13 +52,13 @@ def test_resume_after_a_kill_mid_epoch_matches_uninterrupted(tmp_path: Path) -> 
     fit(full, spec, [], Context(train_data=data, seed=1), checkpoint_dir=tmp_path / "full")
     torch.manual_seed(0)
     model = MLP()
-    with pytest.raises(_Stop):  # killed in the middle of epoch 2
-        fit(model, spec, [_KillAt(len(data) // 32 + 2)], Context(train_data=data, seed=1),
+    with pytest.raises(Stop):  # killed in the middle of epoch 2
+        fit(model, spec, [KillAt(len(data) // 32 + 2)], Context(train_data=data, seed=1),
             checkpoint_dir=tmp_path / "killed")
     assert [p.name for p in (tmp_path / "killed").glob("train-*.pt")] == ["train-1.pt"]
     torch.manual_seed(123)  # a new process starts with other random state and a fresh model
     resumed = MLP()
-    fit(resumed, spec, [_KillAt(-1)], Context(train_data=data, seed=1), checkpoint_dir=tmp_path / "killed")
+    fit(resumed, spec, [KillAt(-1)], Context(train_data=data, seed=1), checkpoint_dir=tmp_path / "killed")
     for a, b in zip(resumed.parameters(), full.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
