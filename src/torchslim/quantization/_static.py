@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +22,8 @@ from torchslim.quantization.observers import Observer, choose_range
 from torchslim.quantization.qdq import act_qparams
 from torchslim.quantization.static_modules import QDQConv2d, QDQLinear, QuantGrid, RoundedOutput
 
-__all__ = ["Calibration", "FusedFloat", "calibrate", "fuse", "renamed", "round_module_outputs", "to_qdq"]
+__all__ = ["Calibration", "FusedFloat", "calibrate", "fuse", "renamed", "round_module_outputs", "set_module",
+           "to_qdq"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,9 @@ def fuse(model: nn.Module, targets: Sequence[str], ignore: Sequence[str], who: s
                 assert folded.bias is not None
                 folded.bias.copy_(b)
             layer = folded
-        _set(model, fqn, FusedFloat(layer, fusion.activation).train(modules[fqn].training))
+        set_module(model, fqn, FusedFloat(layer, fusion.activation).train(modules[fqn].training))
         for gone in fusion.absorbed():
-            _set(model, gone, nn.Identity())
+            set_module(model, gone, nn.Identity())
     return fusions
 
 
@@ -200,13 +201,16 @@ def calibrate(model: nn.Module, fusions: dict[str, Fusion], batches: list[Any], 
     return Calibration(inputs, outputs, quantize_input, {f: not finals[f] for f in layers}, sources, rounded)
 
 
-def round_module_outputs(model: nn.Module, cal: Calibration, activation_bits: int) -> dict[str, str]:
-    """Wrap each module of ``cal.rounded`` in a ``RoundedOutput`` (deepest first); returns the
+def round_module_outputs(model: nn.Module, cal: Calibration, activation_bits: int,
+                         wrap: Callable[[nn.Module, QuantGrid], nn.Module] | None = None) -> dict[str, str]:
+    """Wrap each module of ``cal.rounded`` (deepest first) in a ``RoundedOutput``, or in what
+    ``wrap(module, grid)`` builds (a wrapper holding the module as ``inner``); returns the
     renames ``old prefix -> new prefix`` (``m.`` -> ``m.inner.``) in the order they apply."""
     renames = {}
     for fqn in sorted(cal.rounded, key=lambda f: -f.count(".")):
-        module = model.get_submodule(fqn)
-        _set(model, fqn, RoundedOutput.around(module, cal.rounded[fqn], activation_bits))
+        module, grid = model.get_submodule(fqn), cal.rounded[fqn]
+        wrapper = RoundedOutput.around(module, grid, activation_bits) if wrap is None else wrap(module, grid)
+        set_module(model, fqn, wrapper)
         renames[f"{fqn}."] = f"{fqn}.inner."
     return renames
 
@@ -289,6 +293,7 @@ def _with_bias(layer: nn.Conv2d | nn.Linear) -> nn.Conv2d | nn.Linear:
     return new.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
 
 
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Put ``module`` at ``fqn`` in ``model``."""
     parent, _, child = fqn.rpartition(".")
     setattr(model.get_submodule(parent), child, module)

@@ -11,7 +11,16 @@ from torch import nn
 
 from torchslim.core import Context, MethodConfig, Outcome, TrainedMethod, calibration_inputs, check, register
 from torchslim.core.context import first_batch_inputs, take_batches
-from torchslim.quantization._static import Calibration, FusedFloat, calibrate, fuse, renamed, to_qdq
+from torchslim.quantization._static import (
+    Calibration,
+    FusedFloat,
+    calibrate,
+    fuse,
+    renamed,
+    round_module_outputs,
+    set_module,
+    to_qdq,
+)
 from torchslim.quantization.fusion import Fusion
 from torchslim.quantization.observers import OBSERVERS
 from torchslim.quantization.ptq import check_static_bits
@@ -255,12 +264,11 @@ class QAT(TrainedMethod):
             fused = model.get_submodule(fqn)
             assert isinstance(fused, FusedFloat)
             layer = FakeQuantLayer(fused, cal, fqn, cfg.weight_bits, cfg.activation_bits, lsq, cfg.momentum)
-            _set(model, fqn, layer.train(fused.training))
-        renames = {}
-        for fqn in sorted(cal.rounded, key=lambda f: -f.count(".")):  # deepest first, as in ptq
-            inner = model.get_submodule(fqn)
-            _set(model, fqn, FakeRoundedOutput(inner, cal.rounded[fqn], lsq, cfg.momentum, device))
-            renames[f"{fqn}."] = f"{fqn}.inner."
+            set_module(model, fqn, layer.train(fused.training))
+        def fake(inner: nn.Module, grid: QuantGrid) -> nn.Module:
+            return FakeRoundedOutput(inner, grid, lsq, cfg.momentum, device)
+
+        renames = round_module_outputs(model, cal, cfg.activation_bits, fake)
         self.fusions = {f.layer: f for f in (_renamed_fusion(f, renames) for f in fusions.values())}
         self.cal = _renamed_calibration(cal, renames)
         return model
@@ -275,13 +283,13 @@ class QAT(TrainedMethod):
             assert isinstance(fake, FakeQuantLayer)
             grids_in[fqn], grids_out[fqn] = fake.grid("input"), fake.grid("output")
             scales[fqn] = fake.weight_scale.detach().abs()
-            _set(model, fqn, fake.as_fused())
+            set_module(model, fqn, fake.as_fused())
         rounded: dict[str, QuantGrid] = {}
         for fqn in self.cal.rounded:  # a wrapper keeps its fqn, and its inner module's fqns
             wrapper = model.get_submodule(fqn)
             assert isinstance(wrapper, FakeRoundedOutput)
             rounded[fqn] = wrapper.grid()
-            _set(model, fqn, wrapper.rounded(self.cfg.activation_bits))
+            set_module(model, fqn, wrapper.rounded(self.cfg.activation_bits))
         for fqn, source in self.cal.sources.items():  # the reader's input grid is its source's output grid
             grids_in[fqn] = rounded[source] if source in rounded else grids_out[source]
         cal = dataclasses.replace(self.cal, inputs=grids_in, outputs=grids_out, rounded=rounded)
@@ -309,7 +317,3 @@ def _renamed_calibration(cal: Calibration, renames: dict[str, str]) -> Calibrati
     fields["sources"] = {k: renamed(v, renames) for k, v in fields["sources"].items()}
     return Calibration(**fields)
 
-
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
