@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core import surgery
+from torchslim.core import HookSet, surgery
 from torchslim.core.layerwise import Call, model_call
 from torchslim.core.outputs import first_tensor
 from torchslim.errors import ConfigError, DataError
@@ -150,12 +150,10 @@ def _layer_inputs(model: nn.Module, layers: dict[str, nn.Linear], call: Call) ->
             seen.setdefault(fqn, args[0])
         return hook
 
-    handles = [m.register_forward_pre_hook(keep(f)) for f, m in layers.items()]
-    try:
+    with HookSet() as hooks:
+        for fqn, module in layers.items():
+            hooks.forward_pre(module, keep(fqn))
         model(*call[0], **call[1])
-    finally:
-        for h in handles:
-            h.remove()
     if missing := [f for f in layers if f not in seen]:
         logger.warning("layers not called on the calibration batch stay float: %s", ", ".join(missing))
     return seen

@@ -15,6 +15,7 @@ from torch import nn
 
 from torchslim.core import (
     Context,
+    HookSet,
     MethodConfig,
     Outcome,
     calibration_inputs,
@@ -159,13 +160,10 @@ def _smoothing(model: nn.Module, matches: list[tuple[str, nn.Module]], alpha: fl
             amax[fqn] = x if fqn not in amax else torch.maximum(amax[fqn], x)
         return hook
 
-    handles = [m.register_forward_pre_hook(observe(f)) for f, m in linears.items()]
-    try:
-        with torch.no_grad():
-            run_batches(model, calibration_inputs(ctx, batches, "quantization.dynamic (smooth)"))
-    finally:
-        for h in handles:
-            h.remove()
+    with HookSet() as hooks, torch.no_grad():
+        for fqn, module in linears.items():
+            hooks.forward_pre(module, observe(fqn))
+        run_batches(model, calibration_inputs(ctx, batches, "quantization.dynamic (smooth)"))
     factors = {}
     for fqn, x_max in amax.items():
         w_max = linears[fqn].weight.detach().abs().amax(dim=0).float().to(x_max.device)
