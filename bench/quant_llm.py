@@ -55,6 +55,8 @@ RUNS: dict[str, MethodConfig | None] = {
     "awq-w4-clip": AWQConfig(bits=4, group_size=64, clip_shrink=0.2, targets=DECODER),
     "mixed-4.5": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.5, group_size=64, targets=DECODER),
     "mixed-4.0": MixedPrecisionConfig(bits=(3, 4, 8), average_bits=4.0, group_size=64, targets=DECODER),
+    "gptq-w4-g192": GPTQConfig(bits=4, group_size=192, targets=DECODER),
+    "mixed-4.5-g192": MixedPrecisionConfig(bits=(4, 8), average_bits=4.5, group_size=192, targets=DECODER),
 }
 # ASSETS.md, same windows and machine type, not measured in this run.
 REFERENCE = {"fp32": 30.77, "rtn-w8": 30.79, "rtn-w4": 39.26, "rtn-w3": 97.0, "gptq-w4": 35.11,
@@ -63,7 +65,7 @@ LLMCOMPRESSOR = {"gptq-w4": 35.24, "gptq-w3": 55.93}
 TARGET = {"gptq-w4-emb8": "checkpoint <= 0.30", "gptq-w4": 35.0, "gptq-w3": 55.0, "gptq-w4-clip": "best int4 <= 34.0", "gptq-w3-clip": 55.0,
           "awq-w4-clip": "best int4 <= 34.0",
           "gptq-w4-awq": "best int4 <= 34.0", "gptq-w4-awq-clip": "best int4 <= 34.0", "awq-w4": "< RTN 39.26",
-          "mixed-4.5": "< GPTQ w4 at >= its size (g64, g32)"}
+          "mixed-4.5": "< GPTQ w4 at >= its size (g64, g32)", "mixed-4.5-g192": "< GPTQ w4 (g64) at >= its size"}
 
 
 def run_one(name: str, cfg: MethodConfig | None, eval_windows: torch.Tensor, calib: list[torch.Tensor],
@@ -117,6 +119,11 @@ def render(state: dict[str, dict[str, Any]]) -> str:
               "- `gptq-w4-g32` uses groups of 32 (its scales and zero points cost twice g64's), the uniform int4 "
               "run at least as large as `mixed-4.5`. Mixed checkpoints are measured, not derived from "
               "`average_bits`: 2- to 4-bit codes are stored a nibble each and 5- to 8-bit codes a byte each.",
+              "- `mixed-4.5-g192` spends 4.5 bits per weight on codes with no packing waste (4-bit codes in "
+              "nibbles, 8-bit in bytes) and groups of 192 (the largest dividing both 576 and 1536), whose "
+              "scales and zero points cost a third of a bit per weight: 4.83 bits per weight in all against "
+              "5.0 for uniform int4 with groups of 64 (`gptq-w4`). `gptq-w4-g192` is uniform int4 at that "
+              "group size, to show what the 8-bit layers buy.",
               "- tokens/s: perplexity evaluation throughput (batch of 512-token windows); the int4 layers "
               "dequantise on the fly and multiply in fp32, so they are not faster on CPU.",
               f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "

@@ -71,7 +71,9 @@ def _breakdown(model: nn.Module, inputs: tuple[torch.Tensor, ...], calls: int = 
     total = sum(e.self_cpu_time_total for e in events.values()) / 1e3 / calls
     parts = {"float Linear GEMMs": self_ms("aten::addmm", "aten::mm"),
              "int8 GEMMs": self_ms("aten::_int_mm", "onednn::qlinear_pointwise"),
-             "torch.ao fused int8 Linear": self_ms("quantized::linear_dynamic")}
+             "torch.ao fused int8 Linear": self_ms("quantized::linear_dynamic"),
+             "one fbgemm call per Linear (rounding + int8 GEMM + rescale)":
+                 self_ms("quantized::linear_with_input_q_dq_qweight_dq_output_fp32")}
     if "torchslim::dynamic_quant_linear" in events:  # everything our op does around its GEMM
         op = events["torchslim::dynamic_quant_linear"].cpu_time_total / 1e3 / calls
         parts["activation quantization + rescale"] = op - parts["int8 GEMMs"]
@@ -129,7 +131,9 @@ def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict
     return (f"Mixed precision under a latency budget of {budget} of fp32 (`quantization.mixed`, `latency_budget`): "
             f"{stats['layers_int8']:.0f} Linear layers int8, {stats['layers_float']:.0f} kept fp32; latency "
             f"{fraction:.3f} of fp32 in this table (predicted {stats['latency_fraction_predicted']:.3f}, measured "
-            f"{stats['latency_fraction_measured']:.3f} while choosing), {'within' if fraction <= budget else 'over'} "
+            f"{stats['latency_fraction_measured']:.3f} while choosing, after moving "
+            f"{stats.get('layers_moved_after_measuring', 0):.0f} more layer(s) to int8 on measuring), "
+            f"{'within' if fraction <= budget else 'over'} "
             f"the budget. Against uniform int8: MR fidelity {q['mr_fidelity']:.5f} vs {u['mr_fidelity']:.5f}, "
             f"Lee {q['lee_pearson']:.4f} vs {u['lee_pearson']:.4f}, WS-353 {q['ws353']:.4f} vs {u['ws353']:.4f} "
             f"(higher in: {', '.join(better) or 'none'}).")
@@ -167,6 +171,7 @@ def main() -> None:
     export_onnx(fp32, inputs, tmp / "fp32.onnx")
     export_onnx(ours, inputs, tmp / "ours.onnx", min_cosine=0.99)  # the agreement is measured below
     export_onnx(smoothed, inputs, tmp / "smooth.onnx", min_cosine=0.99)
+    export_onnx(per_tensor, inputs, tmp / "per_tensor.onnx", min_cosine=0.99)
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_int8.onnx"), weight_type=QuantType.QInt8)
     calls: dict[str, Callable[[], Any]] = {}
     torch_models = {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch,
@@ -191,7 +196,8 @@ def main() -> None:
     torch_self = _nudged_self_cosine(ours, inputs, torch_out)
     held_out = [_batch(tok, list(minilm.lee_background_sentences()[i:i + 8])) for i in range(8, 72, 8)]
     agree = {n: _agreement(m, OnnxModule(tmp / f"{f}.onnx").session, held_out)
-             for n, m, f in (("plain", ours, "ours"), (f"smooth {args.smooth}", smoothed, "smooth"))}
+             for n, m, f in (("plain", ours, "ours"), (f"smooth {args.smooth}", smoothed, "smooth"),
+                             ("per-tensor", per_tensor, "per_tensor"))}
     breakdown = {n: _breakdown(torch_models[n], inputs)
                  for n in ("fp32 torch", "torchslim int8 torch", "torch.ao dynamic int8", tensor_name)}
     quality = {n: minilm.evaluate_minilm(m, tok) for n, m in torch_models.items()}

@@ -126,6 +126,34 @@ def test_latency_budget_mixes_int8_and_float_layers_and_reloads(tmp_path: Path) 
         torch.testing.assert_close(load(tmp_path / "run", _mlp)(batches[0]), out, rtol=0, atol=0)
 
 
+def test_tighten_moves_the_cheapest_float_layers_to_int8_until_the_measurement_fits() -> None:
+    from torchslim.quantization._mixed_latency import FLOAT, INT8, LatencyPlan, tighten
+
+    errors = {"a": {INT8: 1.0, FLOAT: 0.0}, "b": {INT8: 2.0, FLOAT: 0.0}, "c": {INT8: 9.0, FLOAT: 0.0},
+              "d": {INT8: 0.1, FLOAT: 0.0}}
+    plan = LatencyPlan(errors, {"a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, float_ms=100.0, int8_ms=60.0)
+    converted: list[str] = []
+
+    def run(alloc: dict[str, int], miss: float) -> tuple[float, list[str]]:
+        converted.clear()
+        # the model measures the prediction plus a systematic miss (a fraction of the float latency)
+        return tighten(plan, alloc, 0.8, lambda: plan.predicted(alloc) + miss, converted.append)
+
+    alloc = {"a": FLOAT, "b": FLOAT, "c": FLOAT, "d": INT8}  # predicted 0.9: 0.15 over 0.8 with the miss
+    measured, moved = run(alloc, 0.05)
+    assert moved == converted == ["a", "b"]  # least error per millisecond saved first; c (9.0) stays float
+    assert alloc == {"a": INT8, "b": INT8, "c": FLOAT, "d": INT8}
+    assert measured == pytest.approx(0.75)
+    alloc = {"a": FLOAT, "b": INT8, "c": FLOAT, "d": INT8}
+    assert run(alloc, -0.05) == (pytest.approx(0.75), [])  # already within: nothing moves
+    alloc = {"a": FLOAT, "b": FLOAT, "c": FLOAT, "d": FLOAT}  # predicted 1.0, always measured 0.3 over
+    measured, moved = run(alloc, 0.3)
+    assert moved == ["d", "a", "b", "c"] and measured == pytest.approx(0.9)  # all it can, still over
+    alloc = {"a": FLOAT, "b": FLOAT, "c": FLOAT, "d": INT8}
+    measured, moved = tighten(plan, alloc, 0.87, lambda: 0.9, converted.append)  # noise that never clears
+    assert moved == ["a"]  # one move predicts 10 ms saved, past twice the 3 ms overshoot: stop there
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_latency_budget_out_of_reach_or_outside_0_1_is_a_config_error() -> None:
     batches = [torch.randn(64, 256)]

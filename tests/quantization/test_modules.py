@@ -55,6 +55,25 @@ def test_per_tensor_mode_and_no_bias() -> None:
     assert float((out - expected).norm() / expected.norm()) < 0.03
 
 
+def test_per_tensor_inference_packs_for_fbgemm_once_and_repacks_after_a_change() -> None:
+    q = DynamicQuantLinear.from_linear(_linear(), per_tensor=True).eval()
+    x = torch.randn(5, 7, 96)
+    through_op = q(x)  # the bias wants gradients: the custom op, which autograd can follow
+    through_op.sum().backward()
+    assert q.bias is not None and q.bias.grad is not None and q._fbgemm is None
+    with torch.no_grad():
+        fused = q(x)
+        if q._fbgemm is None:
+            pytest.skip("fbgemm is not the quantized engine of this build")
+        torch.testing.assert_close(fused, through_op.detach(), rtol=1e-5, atol=1e-5)
+        packed = q._fbgemm
+        assert q(x).equal(fused) and q._fbgemm is packed  # packed once
+        q.bias.add_(1.0)  # an in-place change must reach the packed copy of the bias
+        torch.testing.assert_close(q(x), fused + 1.0, rtol=1e-5, atol=1e-5)
+        assert q._fbgemm is not packed
+    assert copy.deepcopy(q)._fbgemm is None  # the opaque object is a cache, never copied
+
+
 def test_from_a_meta_linear_copies_nothing() -> None:
     with torch.device("meta"):
         linear = nn.Linear(8, 4)

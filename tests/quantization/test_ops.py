@@ -117,7 +117,12 @@ def test_smoothed_layers_export_their_input_scale_as_a_mul(tmp_path: Path) -> No
 
 def test_per_tensor_activations_run_fused_and_export_the_same_arithmetic(tmp_path: Path) -> None:
     from torchslim.export import export_onnx
-    from torchslim.quantization.primitives import int8_linear_per_tensor, pack_int8_weight
+    from torchslim.quantization.primitives import (
+        fbgemm_linear_per_tensor,
+        int8_linear_per_tensor,
+        pack_fbgemm_weight,
+        pack_int8_weight,
+    )
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
@@ -130,6 +135,9 @@ def test_per_tensor_activations_run_fused_and_export_the_same_arithmetic(tmp_pat
                                        pack_int8_weight(layer.qweight, always=True))
         plain = int8_linear_per_tensor(x, layer.qweight, layer.scale, layer.bias, None)
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        fbgemm = pack_fbgemm_weight(layer.qweight, layer.scale, layer.bias)
+        if fbgemm is not None:  # x86 builds: fbgemm rounds the input while packing it, same codes
+            torch.testing.assert_close(fbgemm_linear_per_tensor(x, fbgemm), plain, rtol=1e-5, atol=1e-5)
         step = float(x.abs().max()) / 127  # one step for every row, the largest row's
         exact = F.linear(torch.round(x / step) * step, layer.qweight.float() * layer.scale[:, None], layer.bias)
         torch.testing.assert_close(plain, exact, rtol=1e-4, atol=1e-4)

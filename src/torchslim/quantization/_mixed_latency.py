@@ -12,13 +12,15 @@ kernel) and the float layer. Both sides of the trade are measured, not modelled:
 
 The allocation (``allocate``) keeps float the layers whose error per millisecond saved is
 largest, as long as the predicted model latency stays within the budget; the converted model is
-then timed again so the report shows the prediction next to the measurement.
+then timed again (``tighten``): over the budget, float layers go int8, cheapest error per
+millisecond first, until the measurement fits, so the report shows the prediction next to a
+measurement within the budget.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from torchslim.errors import ConfigError, DataError
 from torchslim.measure.latency import measure_latency
 from torchslim.quantization.modules import DynamicQuantLinear
 
-__all__ = ["FLOAT", "INT8", "LatencyPlan", "plan_latency"]
+__all__ = ["FLOAT", "INT8", "LatencyPlan", "plan_latency", "tighten"]
 
 logger = logging.getLogger(__name__)
 INT8, FLOAT = 8, 32  # the options, named by their bits in the report
@@ -105,6 +107,35 @@ def _whole_model_ms(model: nn.Module, layers: dict[str, nn.Linear], quantized: M
             for fqn in quantized:
                 _swap(model, fqn, layers[fqn])
     return float_ms, int8_ms
+
+
+def tighten(plan: LatencyPlan, alloc: dict[str, int], budget: float, measure: Callable[[], float],
+            convert: Callable[[str], None]) -> tuple[float, list[str]]:
+    """Measure the model built from ``alloc``; while it is over ``budget``, move the float layer
+    with the least error per millisecond saved to int8 (``convert`` it, update ``alloc``) and
+    measure again.
+
+    Layer savings are timed alone and the machine may be busy, so the prediction can miss by a
+    few percent. The moves stop once the predicted savings added reach twice the first overshoot,
+    so a noisy measurement cannot turn the whole model int8.
+
+    Returns:
+        The last measured fraction of the float latency and the layers moved, in order.
+    """
+    measured = measure()
+    overshoot = (measured - budget) * plan.float_ms
+    floats = sorted((f for f in alloc if alloc[f] == FLOAT),
+                    key=lambda f: plan.errors[f][INT8] / max(plan.costs[f][FLOAT], 1e-12))
+    moved: list[str] = []
+    saved = 0.0
+    while measured > budget and floats and saved < 2 * overshoot:
+        fqn = floats.pop(0)
+        convert(fqn)
+        alloc[fqn] = INT8
+        moved.append(fqn)
+        saved += plan.costs[fqn][FLOAT]
+        measured = measure()
+    return measured, moved
 
 
 def measure_fraction(model: nn.Module, batch: Any, float_ms: float) -> float:

@@ -55,7 +55,9 @@ class DynamicQuantizationConfig(MethodConfig):
         batches: Calibration batches read for ``smooth``.
         activation_scale: ``row``: one scale per input row (token), the accurate default;
             ``tensor``: one per call, applied with the weight scales and the bias inside
-            oneDNN's int8 GEMM, which leaves nothing to do on the output (faster, coarser).
+            the int8 GEMM, which leaves nothing to do on the output (faster, coarser). In
+            eager inference on x86 the whole layer is then one fbgemm call that rounds the
+            input while packing it; elsewhere oneDNN's GEMM with the scales fused.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
 

@@ -12,7 +12,7 @@ from torch import nn
 from torchslim.core import Context, MethodConfig, Outcome, calibration_inputs, check, register, surgery
 from torchslim.core.layerwise import BlockStep, layerwise
 from torchslim.errors import ConfigError, DataError
-from torchslim.quantization._mixed_latency import INT8, measure_fraction, plan_latency
+from torchslim.quantization._mixed_latency import INT8, measure_fraction, plan_latency, tighten
 from torchslim.quantization.gptq import GPTQConfig, _gram, gptq_layers
 from torchslim.quantization.modules import DynamicQuantLinear
 from torchslim.quantization.packed import WeightOnlyLinear, dequantize_groups, quantize_groups
@@ -69,8 +69,12 @@ class MixedPrecisionConfig(MethodConfig):
         of the model's output on up to 4 calibration batches with that layer alone in int8, and
         its cost is the time it saves in int8 (timed alone in each form, scaled so the savings
         add up to the measured all-float minus all-int8 model time); the layers kept float are
-        those with the most error per millisecond saved. The report gives the predicted and the measured
-        latency fraction (``stats``) and the front of (latency fraction, summed error).
+        those with the most error per millisecond saved. The converted model is then timed; if
+        it measures over the budget (layer times do not add up exactly, the machine may be
+        busy), float layers go int8, least error per millisecond first, until it fits or the
+        predicted savings added reach twice the overshoot. The report gives the predicted and
+        the measured latency fraction, the layers moved after measuring (``stats``) and the
+        front of (latency fraction, summed error).
     """
 
     name: ClassVar[str] = _NAME
@@ -233,12 +237,22 @@ def _apply_latency(model: nn.Module, layers: dict[str, nn.Linear], budget: float
     try:
         plan = plan_latency(model, layers, batches, _NAME)
         alloc, front = allocate(plan.errors, plan.costs, plan.budget_ms(budget, _NAME))
-        int8 = [(f, layers[f]) for f in alloc if alloc[f] == INT8]
-        done = surgery.replace_modules(model, int8, lambda f, _m: DynamicQuantLinear.from_linear(layers[f]))
-        measured = measure_fraction(model, batches[0], plan.float_ms)
+        predicted = plan.predicted(alloc)
+
+        def convert(fqn: str) -> None:
+            surgery.replace_modules(model, [(fqn, layers[fqn])],
+                                    lambda f, _m: DynamicQuantLinear.from_linear(layers[f]))
+
+        for fqn in [f for f in alloc if alloc[f] == INT8]:
+            convert(fqn)
+        measured, moved = tighten(plan, alloc, budget,
+                                  lambda: measure_fraction(model, batches[0], plan.float_ms), convert)
     finally:
         model.train(was_training)
-    predicted = plan.predicted(alloc)
+    done = tuple(f for f in alloc if alloc[f] == INT8)
+    if moved:
+        logger.info("%s: measured over the budget, so %d more layer(s) went int8: %s", _NAME, len(moved),
+                    ", ".join(moved))
     if measured > budget * 1.05:
         logger.warning("%s: the converted model measured %.3f of the float latency against a budget of %.3f "
                        "(predicted %.3f); the machine may be busy, or layer times do not add up here",
@@ -247,7 +261,8 @@ def _apply_latency(model: nn.Module, layers: dict[str, nn.Linear], budget: float
                 len(done), len(alloc), measured, predicted, budget)
     stats: dict[str, float] = {"layers_int8": len(done), "layers_float": len(alloc) - len(done),
                                "latency_fraction_predicted": round(predicted, 4),
-                               "latency_fraction_measured": round(measured, 4)}
+                               "latency_fraction_measured": round(measured, 4),
+                               "layers_moved_after_measuring": len(moved)}
     return Outcome(model=model, touched=done, structure={f: {} for f in done}, stats=stats,
                    layers={f: {"bits": alloc[f]} for f in alloc},
                    fronts={"latency / float latency (predicted)|summed output error (calibration)":

@@ -9,7 +9,13 @@ from torch import nn
 
 from torchslim.core.structure import rebuildable
 from torchslim.quantization.ops import dynamic_quant_linear
-from torchslim.quantization.primitives import dequantize, pack_int8_weight, quantize_per_channel_symmetric
+from torchslim.quantization.primitives import (
+    dequantize,
+    fbgemm_linear_per_tensor,
+    pack_fbgemm_weight,
+    pack_int8_weight,
+    quantize_per_channel_symmetric,
+)
 
 __all__ = ["DynamicQuantLinear"]
 
@@ -26,7 +32,10 @@ class DynamicQuantLinear(nn.Module):
     ``qweight`` changes.
 
     With ``per_tensor`` one scale covers the whole input and oneDNN applies it, the weight
-    scales and the bias inside the GEMM (faster, coarser; see ``int8_linear_per_tensor``).
+    scales and the bias inside the GEMM (faster, coarser; see ``int8_linear_per_tensor``). In
+    eager inference on float32 CPU input the same arithmetic runs as a single fbgemm call that
+    rounds the input while packing it (``fbgemm_linear_per_tensor``), with the weight and bias
+    packed once and cached like the oneDNN copy; training, tracing and export use the op.
     With ``smoothed`` (SmoothQuant), the layer first multiplies its input by the buffer
     ``input_scale`` (in,), whose inverse was folded into the weight's columns: the float
     product is unchanged while the input's outlier channels shrink before they are rounded.
@@ -60,11 +69,17 @@ class DynamicQuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._packed: torch.Tensor | None = None  # cache of the oneDNN layout; not saved
         self._packed_key: tuple[Any, ...] | None = None
+        self._fbgemm: Any | None = None  # cache of fbgemm's packed weight and bias; not saved
+        self._fbgemm_key: tuple[Any, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = None if torch.compiler.is_compiling() else self._packed_weight()
         if self.smoothed:
             x = x * self.input_scale.to(x.dtype)
+        if self.per_tensor and _plain_inference(x, self.bias):
+            fused = self._fbgemm_weight()
+            if fused is not None:
+                return fbgemm_linear_per_tensor(x, fused)
+        packed = None if torch.compiler.is_compiling() else self._packed_weight()
         out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed,
                                                  self.per_tensor)
         return out
@@ -76,9 +91,18 @@ class DynamicQuantLinear(nn.Module):
             self._packed, self._packed_key = pack_int8_weight(self.qweight, always=self.per_tensor), key
         return self._packed
 
+    def _fbgemm_weight(self) -> Any | None:
+        """The cached ``pack_fbgemm_weight``, rebuilt whenever the weight, scales or bias changed."""
+        tensors = (self.qweight, self.scale, self.bias)
+        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        if self._fbgemm_key != key:
+            self._fbgemm, self._fbgemm_key = pack_fbgemm_weight(self.qweight, self.scale, self.bias), key
+        return self._fbgemm
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_packed=None, _packed_key=None)  # an opaque oneDNN tensor cannot be copied
+        # opaque oneDNN and fbgemm objects cannot be copied
+        state.update(_packed=None, _packed_key=None, _fbgemm=None, _fbgemm_key=None)
         return state
 
     @classmethod
@@ -134,3 +158,12 @@ class DynamicQuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weight=int8 {kind}" + (", smoothed" if self.smoothed else "")
                 + (", per-tensor activations" if self.per_tensor else ""))
+
+
+def _plain_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True for a plain float32 CPU input while nothing traces, compiles or records gradients."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+        return False  # tensor subclasses (fake tensors of export and compile) take the op
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad))

@@ -7,11 +7,14 @@ round-half-to-even (``torch.round``, ONNX ``Round``).
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 
 __all__ = ["PACK_MAX_ROWS", "PACK_MIN_WEIGHTS", "QMAX", "U8_ZERO_POINT", "dequantize",
-           "dynamic_quantize_rows", "int8_linear", "int8_linear_per_tensor", "int8_matmul",
-           "pack_int8_weight", "quantize_per_channel_symmetric"]
+           "dynamic_quantize_rows", "fbgemm_linear_per_tensor", "int8_linear", "int8_linear_per_tensor",
+           "int8_matmul", "pack_fbgemm_weight", "pack_int8_weight", "quantize_per_channel_symmetric"]
 
 QMAX = 127
 PACK_MIN_WEIGHTS = 1 << 20  # weights this large get a oneDNN-packed copy (see pack_int8_weight)
@@ -171,7 +174,7 @@ def int8_linear_per_tensor(
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     xf = flat if flat.dtype == torch.float32 else flat.float()
-    amax = max(float(xf.abs().amax()), _EPS) if xf.numel() else 1.0
+    amax = _tensor_amax(xf)
     q = (xf * (QMAX / amax)).round_().to(torch.int8)  # |x| <= amax: within [-127, 127], see above
     b = None if bias is None else bias.float()
     if packed is not None and q.shape[0] > 0:
@@ -182,3 +185,41 @@ def int8_linear_per_tensor(
             out.add_(b)
     out = out.reshape(*lead, qweight.shape[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _tensor_amax(x: torch.Tensor) -> float:
+    """``max |x|`` over every element (at least ``_EPS``; 1 for an empty tensor)."""
+    return max(float(x.abs().amax()), _EPS) if x.numel() else 1.0
+
+
+def pack_fbgemm_weight(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any | None:
+    """fbgemm's packed form of an int8 (out, in) weight, its per-channel ``scale`` and ``bias``,
+    for ``fbgemm_linear_per_tensor``; None off the CPU or where fbgemm is not the quantized engine.
+
+    The weight goes in as it is (a per-channel quantized view of the same int8 codes, zero
+    points 0), so the product is the one ``int8_linear_per_tensor`` computes. The packed object
+    is opaque (not serializable); callers keep it as a cache beside ``qweight``.
+    """
+    if qweight.device.type != "cpu" or not _fbgemm_ops():
+        return None
+    with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; fbgemm's API takes one
+        warnings.simplefilter("ignore", UserWarning)
+        zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
+        weight = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.detach().float())
+
+
+def _fbgemm_ops() -> bool:
+    engine_ok = torch.backends.quantized.engine in ("x86", "fbgemm")
+    return engine_ok and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+
+
+def fbgemm_linear_per_tensor(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``int8_linear_per_tensor`` in one fbgemm call: the input is rounded with the same
+    symmetric scale ``max|x| / 127`` (zero point 128, as uint8) while fbgemm packs it, and the
+    scales and the bias are applied as the int32 results leave the GEMM. Float32 CPU input,
+    ``packed`` from ``pack_fbgemm_weight``; ONNX Runtime runs the same arithmetic from
+    ``onnx_dynamic_quant_linear``."""
+    out: torch.Tensor = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x, _tensor_amax(x) / QMAX, U8_ZERO_POINT, packed)
+    return out
