@@ -94,7 +94,8 @@ def plan_latency(model: nn.Module, layers: dict[str, nn.Linear], batches: list[A
 
 def _whole_model_ms(model: nn.Module, layers: dict[str, nn.Linear], quantized: Mapping[str, nn.Module],
                     call: Call, rounds: int = 3) -> tuple[float, float]:
-    """The all-float and the all-int8 model's time, timed in alternating rounds (fastest of each)."""
+    """The float model's time and its time with the ``quantized`` modules swapped in, timed in
+    alternating rounds (fastest of each); the model is left with its float layers."""
     float_ms, int8_ms = float("inf"), float("inf")
     args, kwargs = call
     for _ in range(rounds):
@@ -138,11 +139,23 @@ def tighten(plan: LatencyPlan, alloc: dict[str, int], budget: float, measure: Ca
     return measured, moved
 
 
-def measure_fraction(model: nn.Module, batch: Any, float_ms: float) -> float:
-    """The converted model's latency on one calibration batch as a fraction of ``float_ms``."""
-    args, kwargs = model_call(model, batch)
-    with torch.no_grad():
-        return _best_ms(lambda: model(*args, **kwargs)) / float_ms
+def measure_fraction(model: nn.Module, layers: dict[str, nn.Linear], batch: Any) -> float:
+    """The model's latency on one calibration batch as a fraction of its all-float form's.
+
+    ``layers`` are the original float layers at their places. Both forms are timed now, in
+    alternating rounds, so a machine that has grown busier since the plan was made slows both
+    alike instead of inflating the fraction.
+    """
+    current = {f: model.get_submodule(f) for f in layers}
+    for fqn in layers:
+        _swap(model, fqn, layers[fqn])
+    try:
+        with torch.no_grad():
+            float_ms, converted_ms = _whole_model_ms(model, layers, current, model_call(model, batch))
+    finally:
+        for fqn, module in current.items():
+            _swap(model, fqn, module)
+    return converted_ms / float_ms
 
 
 def _best_ms(fn: Any) -> float:

@@ -246,7 +246,7 @@ def _apply_latency(model: nn.Module, layers: dict[str, nn.Linear], budget: float
         for fqn in [f for f in alloc if alloc[f] == INT8]:
             convert(fqn)
         measured, moved = tighten(plan, alloc, budget,
-                                  lambda: measure_fraction(model, batches[0], plan.float_ms), convert)
+                                  lambda: measure_fraction(model, layers, batches[0]), convert)
     finally:
         model.train(was_training)
     done = tuple(f for f in alloc if alloc[f] == INT8)
