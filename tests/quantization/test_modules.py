@@ -92,13 +92,16 @@ def test_gradients_pass_straight_through() -> None:
     torch.testing.assert_close(q.bias.grad, grad_out.sum(0))
 
 
-def test_structure_json_rebuilds_a_module_with_identical_outputs() -> None:
-    q = DynamicQuantLinear.from_linear(_linear(), per_channel=False)
+@pytest.mark.parametrize("kind", [{"per_channel": False}, {"per_tensor": True}])
+def test_structure_json_rebuilds_a_module_with_identical_outputs(kind: dict[str, bool]) -> None:
+    q = DynamicQuantLinear.from_linear(_linear(), **kind)
     spec = json.loads(json.dumps(structure.module_spec(q)))
     model = nn.Sequential(_linear())
     structure.replay(model, [{"fqn": "0", "module": spec}])
     rebuilt = model[0]
-    assert isinstance(rebuilt, DynamicQuantLinear) and rebuilt.per_channel is False
+    assert isinstance(rebuilt, DynamicQuantLinear)
+    assert (rebuilt.per_channel, rebuilt.per_tensor) == (q.per_channel, q.per_tensor) == (
+        kind.get("per_channel", True), kind.get("per_tensor", False))
     rebuilt.load_state_dict(q.state_dict(), strict=True)
     x = torch.randn(4, 96)
     with torch.no_grad():
@@ -118,16 +121,3 @@ def test_packed_weight_cache_follows_the_weight_and_is_never_copied() -> None:
         assert not torch.equal(q(x), first), "a stale packed weight was used after loading"
         torch.testing.assert_close(q(x), int8_linear(x, q.qweight, q.scale, q.bias), rtol=0, atol=0)
         torch.testing.assert_close(clone(x), first, rtol=0, atol=0)
-
-
-def test_per_tensor_layers_rebuild_from_structure_json_with_identical_outputs() -> None:
-    q = DynamicQuantLinear.from_linear(_linear(), per_tensor=True)
-    spec = json.loads(json.dumps(structure.module_spec(q)))
-    model = nn.Sequential(_linear())
-    structure.replay(model, [{"fqn": "0", "module": spec}])
-    rebuilt = model[0]
-    assert isinstance(rebuilt, DynamicQuantLinear) and rebuilt.per_tensor
-    rebuilt.load_state_dict(q.state_dict(), strict=True)
-    x = torch.randn(4, 96)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), q(x))

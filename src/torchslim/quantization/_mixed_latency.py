@@ -146,14 +146,14 @@ def measure_fraction(model: nn.Module, layers: dict[str, nn.Linear], batch: Any)
     alternating rounds, so a machine that has grown busier since the plan was made slows both
     alike instead of inflating the fraction.
     """
-    current = {f: model.get_submodule(f) for f in layers}
-    for fqn in layers:
+    converted = {f: m for f in layers if (m := model.get_submodule(f)) is not layers[f]}
+    for fqn in converted:
         _swap(model, fqn, layers[fqn])
     try:
         with torch.no_grad():
-            float_ms, converted_ms = _whole_model_ms(model, layers, current, model_call(model, batch))
+            float_ms, converted_ms = _whole_model_ms(model, layers, converted, model_call(model, batch))
     finally:
-        for fqn, module in current.items():
+        for fqn, module in converted.items():
             _swap(model, fqn, module)
     return converted_ms / float_ms
 
