@@ -2,7 +2,9 @@
 
 In the same run: the fp32 model in torch and in ONNX Runtime; ``quantization.dynamic`` (every
 Linear of the encoder to int8 weights, per-row int8 activations, ``torch._int_mm``) in torch and
-exported to ONNX (``MatMulInteger``) in ONNX Runtime; torch's own dynamic quantization
+exported to ONNX (``MatMulInteger``) in ONNX Runtime; ``activation_scale: tensor`` (one fbgemm call
+per Linear, the GELU after each FFN up-projection inside oneDNN's GEMM) and the same with the GELU
+left separate (``fuse_activations: false``); torch's own dynamic quantization
 (``torch.ao.quantization.quantize_dynamic``); ONNX Runtime's ``quantize_dynamic`` on the fp32
 ONNX file; ``quantization.mixed`` under a latency budget (int8 or float per layer, chosen on
 calibration sentences apart from the timed ones). Latencies alternate between variants over several rounds (the machine is shared)
@@ -10,7 +12,7 @@ and the median of the per-round medians is reported. Quality (Lee Pearson, WS-35
 for the torch variants, which compute what their ONNX exports compute, with their fidelity to
 fp32 (mean cosine of the 200 MR sentence embeddings).
 
-Run: python bench/quant_minilm.py [--rounds 5]   (about 4 minutes on 2 cores)
+Run: python bench/quant_minilm.py [--rounds 5]   (about 10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torchslim.quantization.mixed import MixedPrecisionConfig
 from torchslim.zoo import minilm
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "quantization-minilm.md"
+SEPARATE = "torchslim int8 per-tensor, GELU separate torch"
 ORT_QUALITY = {"fp32 onnxruntime": "= fp32 torch (same model) |  | ",
                "torchslim int8 onnxruntime": "~ torchslim int8 torch (agreement below) |  | ",
                "onnxruntime quantize_dynamic": "not measured (fixed-shape export) |  | "}
@@ -77,6 +80,8 @@ def _breakdown(model: nn.Module, inputs: tuple[torch.Tensor, ...], calls: int = 
     if "torchslim::dynamic_quant_linear" in events:  # everything our op does around its GEMM
         op = events["torchslim::dynamic_quant_linear"].cpu_time_total / 1e3 / calls
         parts["activation quantization + rescale"] = op - parts["int8 GEMMs"]
+    if parts["one fbgemm call per Linear (rounding + int8 GEMM + rescale)"] > 0:  # the oneDNN calls are the fused ones
+        parts["oneDNN int8 GEMM with the GELU epilogue (FFN up-projections)"] = parts.pop("int8 GEMMs")
     parts = {k: v for k, v in parts.items() if v > 0}
     parts["everything else (attention, LayerNorm, GELU, adds, embeddings)"] = total - sum(parts.values())
     return parts
@@ -122,6 +127,21 @@ def _verdict(variant: str, latency: dict[str, float], quality: dict[str, dict[st
                if slower else "Faster than both peers."))
 
 
+def _steps(latency: dict[str, float]) -> str:
+    """Issue 13 item 1: which change brings which part of the speed-up, from this run's timings."""
+    base = latency["fp32 torch"]
+    steps = [("int8 GEMMs, one activation scale per row (`quantization.dynamic` defaults)", "torchslim int8 torch"),
+             ("one scale per call: each Linear one fbgemm call that rounds its input while packing it "
+              "(`activation_scale: tensor`, `fuse_activations: false`)", SEPARATE),
+             ("the GELU after each FFN up-projection applied in oneDNN's GEMM epilogue instead of a separate pass "
+              "(`fuse_activations`, the default)", "torchslim int8 per-tensor torch")]
+    parts, before = [], base
+    for what, name in steps:
+        parts.append(f"{what}: {base / latency[name]:.2f}x ({before / latency[name]:.2f}x over the step before)")
+        before = latency[name]
+    return "Where the speed-up comes from (this run): " + "; ".join(parts) + "."
+
+
 def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict[str, float],
                 quality: dict[str, dict[str, float]]) -> str:
     """Issue 13 item 4 on MiniLM: the mixed model within its latency budget, its quality against uniform int8."""
@@ -153,16 +173,20 @@ def main() -> None:
     tok, fp32 = minilm.load_minilm_tokenizer(), minilm.load_minilm()
     text = list(minilm.lee_background_sentences()[:8])
     inputs = _batch(tok, text)
-    ours = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(), ts.Context()).model.eval()
-    mixed_name = f"torchslim mixed int8/fp32 (latency budget {args.mixed_budget})"
     calib_text = list(minilm.lee_background_sentences()[100:132])
     calib = [_batch(tok, calib_text[i:i + 8]) for i in range(0, 32, 8)]
+    # calibration sentences apart from the timed ones; quantization.dynamic finds the Linear -> GELU pairs on one
+    ours = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(), ts.Context(calib_data=calib)).model.eval()
+    mixed_name = f"torchslim mixed int8/fp32 (latency budget {args.mixed_budget})"
     mixed_run = ts.apply(copy.deepcopy(fp32), MixedPrecisionConfig(latency_budget=args.mixed_budget),
                          ts.Context(calib_data=calib))
     mixed = mixed_run.model.eval()
     tensor_name = "torchslim int8 per-tensor torch"
     per_tensor = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(activation_scale="tensor"),
-                          ts.Context()).model.eval()
+                          ts.Context(calib_data=calib)).model.eval()
+    separate = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(activation_scale="tensor",
+                                                                       fuse_activations=False),
+                        ts.Context()).model.eval()
     smooth_name = f"torchslim int8 smooth {args.smooth} torch"
     smoothed = ts.apply(copy.deepcopy(fp32), DynamicQuantizationConfig(smooth=args.smooth),
                         ts.Context(calib_data=calib)).model.eval()
@@ -175,7 +199,7 @@ def main() -> None:
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_int8.onnx"), weight_type=QuantType.QInt8)
     calls: dict[str, Callable[[], Any]] = {}
     torch_models = {"fp32 torch": fp32, "torchslim int8 torch": ours, "torch.ao dynamic int8": peer_torch,
-                    tensor_name: per_tensor, smooth_name: smoothed, mixed_name: mixed}
+                    tensor_name: per_tensor, SEPARATE: separate, smooth_name: smoothed, mixed_name: mixed}
     for name, model in torch_models.items():
         calls[name] = (lambda m: lambda: m(*inputs))(model)
     for name, file in {"fp32 onnxruntime": "fp32", "torchslim int8 onnxruntime": "ours",
@@ -199,7 +223,7 @@ def main() -> None:
              for n, m, f in (("plain", ours, "ours"), (f"smooth {args.smooth}", smoothed, "smooth"),
                              ("per-tensor", per_tensor, "per_tensor"))}
     breakdown = {n: _breakdown(torch_models[n], inputs)
-                 for n in ("fp32 torch", "torchslim int8 torch", "torch.ao dynamic int8", tensor_name)}
+                 for n in ("fp32 torch", "torchslim int8 torch", "torch.ao dynamic int8", SEPARATE, tensor_name)}
     quality = {n: minilm.evaluate_minilm(m, tok) for n, m in torch_models.items()}
     reference = minilm.encode(fp32, tok, minilm.mr_sentences())
     for n, m in torch_models.items():
@@ -227,6 +251,7 @@ def main() -> None:
               + ". Smoothing shrinks the rounding error itself, and with it what a redraw can change.",
               _verdict("torchslim int8 torch", latency, quality),
               _verdict("torchslim int8 per-tensor torch", latency, quality),
+              _steps(latency),
               "Where the time goes (torch profiler, ms per call, self times; the profiler adds overhead): "
               + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
                           for n, parts in breakdown.items()) + ".",

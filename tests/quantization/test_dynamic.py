@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_apply_converts_every_linear_and_keeps_outputs_usable() -> None:
     assert out.model is model
     assert out.touched == ("fc1", "fc2")
     assert out.structure == {"fc1": {}, "fc2": {}}
-    assert out.stats == {"int8_layers": 2}
+    assert out.stats == {"int8_layers": 2, "fused_activations": 0}  # no data to find activations on
     assert out.layers == {"fc1": {"bits": 8}, "fc2": {"bits": 8}}
     assert all(isinstance(model.get_submodule(f), DynamicQuantLinear) for f in out.touched)
     assert not model.get_submodule("fc1").training, "the replaced layer keeps the eval mode"
@@ -138,7 +139,7 @@ def test_smoothing_moves_outlier_channels_into_the_weights_and_cuts_the_error() 
         with torch.no_grad():
             ref, got = reference(batches[2]), model(batches[2])
         errors[smooth] = float((got - ref).norm() / ref.norm())
-    assert out.stats == {"int8_layers": 3, "smoothed_layers": 3}
+    assert out.stats == {"int8_layers": 3, "smoothed_layers": 3, "fused_activations": 2}  # the two ReLUs
     first = model.get_submodule("body.0")
     assert isinstance(first, DynamicQuantLinear) and first.smoothed
     assert first.input_scale[[3, 40]].max() < first.input_scale.median() / 4, "outlier channels are scaled down"
@@ -178,3 +179,84 @@ def test_activation_scale_is_row_or_tensor() -> None:
     assert DynamicQuantizationConfig().activation_scale == "row"
     with pytest.raises(ConfigError, match="activation_scale"):
         DynamicQuantizationConfig(activation_scale="channel")
+
+
+class ActBlock(nn.Module):
+    """A Hugging Face style MLP: the activation is a module that ``forward`` calls on the Linear's output."""
+
+    def __init__(self, act: nn.Module, residual: bool = False) -> None:
+        super().__init__()
+        self.up, self.act, self.down, self.residual = nn.Linear(32, 64), act, nn.Linear(64, 32), residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        y = self.act(h)
+        out: torch.Tensor = self.down(y + h if self.residual else y)  # residual: the pre-activation is read again
+        return out
+
+
+def _act_block(act: nn.Module, residual: bool = False) -> ActBlock:
+    torch.manual_seed(0)
+    return ActBlock(act, residual).eval()
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize(("act", "name"), [(nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                           (nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu")])
+def test_the_activation_after_a_layer_moves_into_it_with_the_same_outputs(act: nn.Module, name: str,
+                                                                         per_tensor: bool) -> None:
+    scale = "tensor" if per_tensor else "row"
+    x = torch.randn(16, 32)
+    separate = apply(_act_block(act), DynamicQuantizationConfig(activation_scale=scale, fuse_activations=False),
+                     Context(calib_data=[x])).model
+    outcome = apply(_act_block(act), DynamicQuantizationConfig(activation_scale=scale), Context(calib_data=[x]))
+    fused = outcome.model
+    assert isinstance(fused, ActBlock) and isinstance(separate, ActBlock)
+    assert outcome.stats["fused_activations"] == 1 and outcome.layers["up"]["activation"] == name
+    assert isinstance(fused.act, nn.Identity) and "act" in outcome.structure
+    assert isinstance(fused.up, DynamicQuantLinear) and fused.up.activation == name
+    assert type(separate.act) is type(act) and isinstance(separate.up, DynamicQuantLinear)
+    assert separate.up.activation == "none"
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        if per_tensor:  # oneDNN applies the activation in its epilogue: the same codes, float rounding apart
+            torch.testing.assert_close(fused(x), separate(x), rtol=1e-5, atol=1e-5)
+        else:  # the same op then the same activation function
+            assert torch.equal(fused(x), separate(x))
+
+
+@pytest.mark.parametrize("block", [lambda: _act_block(nn.GELU(), residual=True), lambda: _act_block(nn.SiLU())],
+                         ids=["output-read-twice", "silu"])
+def test_an_activation_is_left_alone_when_fusing_would_change_the_model(block: Any) -> None:
+    x = torch.randn(16, 32)
+    outcome = apply(block(), DynamicQuantizationConfig(), Context(calib_data=[x]))
+    model = outcome.model
+    assert outcome.stats["fused_activations"] == 0
+    assert isinstance(model.up, DynamicQuantLinear) and model.up.activation == "none"
+    assert not isinstance(model.act, nn.Identity)
+
+
+def test_activations_are_fused_from_example_inputs_and_not_without_any_input() -> None:
+    without = apply(_act_block(nn.GELU()), DynamicQuantizationConfig(), Context())
+    assert without.stats["fused_activations"] == 0 and isinstance(without.model.act, nn.GELU)
+    example = apply(_act_block(nn.GELU()), DynamicQuantizationConfig(), Context(example_inputs=torch.randn(4, 32)))
+    assert example.stats["fused_activations"] == 1 and isinstance(example.model.act, nn.Identity)
+    sequential = apply(WideMLP().eval(), DynamicQuantizationConfig(), Context(calib_data=[torch.randn(8, 64)]))
+    assert sequential.stats["fused_activations"] == 2  # both ReLUs of the Sequential body
+
+
+def test_fused_activations_rebuild_from_structure_json_and_reload_bit_exact(tmp_path: Path) -> None:
+    import torchslim as ts
+    from torchslim.export import load, save
+    from torchslim.recipes import Recipe
+
+    x = torch.randn(16, 32)
+    result = ts.compress(_act_block(nn.GELU()), Recipe.single(DynamicQuantizationConfig(activation_scale="tensor")),
+                         Context(calib_data=[x]))
+    with torch.no_grad():
+        out = result.model(x)
+    save(result, tmp_path / "run")
+    loaded = load(tmp_path / "run", lambda: _act_block(nn.GELU()))
+    assert isinstance(loaded.act, nn.Identity) and loaded.up.activation == "gelu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)

@@ -146,3 +146,33 @@ def test_per_tensor_activations_run_fused_and_export_the_same_arithmetic(tmp_pat
     found = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(found, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_activation_exports_as_its_own_node_with_the_same_outputs(tmp_path: Path) -> None:
+    from torchslim.export import export_onnx
+    from torchslim.quantization.primitives import (
+        int8_linear_per_tensor,
+        onednn_linear_per_tensor,
+        pack_int8_weight,
+    )
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    x = torch.randn(16, 32)
+    outcome = apply(model, DynamicQuantizationConfig(activation_scale="tensor"), Context(calib_data=[x]))
+    layer = model[0]
+    assert outcome.stats["fused_activations"] == 1 and isinstance(model[1], nn.Identity)
+    assert isinstance(layer, DynamicQuantLinear) and layer.activation == "gelu"
+    packed = pack_int8_weight(layer.qweight, always=True)
+    with torch.no_grad():
+        if packed is not None:  # oneDNN's GELU epilogue against the int8 product, then F.gelu
+            plain = F.gelu(int8_linear_per_tensor(x, layer.qweight, layer.scale, layer.bias, None))
+            torch.testing.assert_close(onednn_linear_per_tensor(x, packed, layer.scale, layer.bias, "gelu"),
+                                       plain, rtol=1e-5, atol=1e-5)
+    export_onnx(model.eval(), x, tmp_path / "gelu.onnx")
+    graph = onnx.load(str(tmp_path / "gelu.onnx")).graph
+    assert "MatMulInteger" in {n.op_type for n in graph.node}
+    session = ort.InferenceSession(str(tmp_path / "gelu.onnx"), providers=["CPUExecutionProvider"])
+    found = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(found, model(x), rtol=1e-4, atol=1e-4)

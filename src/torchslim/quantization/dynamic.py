@@ -24,7 +24,9 @@ from torchslim.core import (
     select,
     surgery,
 )
+from torchslim.core.context import to_device
 from torchslim.core.layerwise import run_batches
+from torchslim.quantization._act_fusion import find_activations
 from torchslim.quantization.modules import DynamicQuantLinear
 
 __all__ = ["DynamicQuantizationConfig", "apply"]
@@ -58,6 +60,12 @@ class DynamicQuantizationConfig(MethodConfig):
             the int8 GEMM, which leaves nothing to do on the output (faster, coarser). In
             eager inference on x86 the whole layer is then one fbgemm call that rounds the
             input while packing it; elsewhere oneDNN's GEMM with the scales fused.
+        fuse_activations: Let each layer whose output only feeds a GELU or ReLU module apply
+            that activation itself (the module becomes ``nn.Identity``); with
+            ``activation_scale: tensor`` oneDNN applies it inside the GEMM. The pairs are found
+            by running the model once on the first calibration batch (else
+            ``ctx.example_inputs``; with neither, nothing is fused) and kept only where the
+            float model's outputs stay the same.
         targets: Layer selectors: an fqn, ``re:<regex>`` or ``type:<ClassName>``.
         ignore: Selectors removed from ``targets``.
 
@@ -67,9 +75,13 @@ class DynamicQuantizationConfig(MethodConfig):
           ignore: ["re:.*classifier.*"]
         - method: quantization.dynamic   # or: smoothed on calibration data, closer to fp32
           smooth: 0.7
+        - method: quantization.dynamic   # or: fastest; GELU / ReLU run inside the int8 GEMM
+          activation_scale: tensor
+          fuse_activations: true
 
     Notes:
-        Needs no calibration data. Weights are symmetric int8 (``scale = max|w| / 127``).
+        Needs no calibration data (``smooth`` does; ``fuse_activations`` uses one batch when
+        there is one). Weights are symmetric int8 (``scale = max|w| / 127``).
         Each input row (a sample, or a token of a sequence) is quantized with its own
         symmetric scale when the layer runs; more accurate than one scale per batch at a
         negligible cost. The product is a true int8 x int8 -> int32 GEMM
@@ -97,6 +109,7 @@ class DynamicQuantizationConfig(MethodConfig):
     smooth: float | None = None
     batches: int = 8
     activation_scale: str = "row"
+    fuse_activations: bool = True
     targets: tuple[str, ...] = ("type:Linear",)
     ignore: tuple[str, ...] = ()
 
@@ -127,6 +140,7 @@ def apply(model: nn.Module, cfg: DynamicQuantizationConfig, ctx: Context) -> Out
     skipped: dict[str, str] = {}
     matches = select(model, cfg.targets, cfg.ignore)
     smooth = {} if cfg.smooth is None else _smoothing(model, matches, cfg.smooth, ctx, cfg.batches)
+    fused = _activations(model, matches, tied, ctx) if cfg.fuse_activations else {}
 
     def build(fqn: str, module: nn.Module) -> nn.Module | None:
         reason = _why_not(fqn, module, tied)
@@ -135,19 +149,42 @@ def apply(model: nn.Module, cfg: DynamicQuantizationConfig, ctx: Context) -> Out
             return None
         assert isinstance(module, nn.Linear)  # _why_not checked the type
         new = DynamicQuantLinear.from_linear(module, per_channel=cfg.per_channel, smooth=smooth.get(fqn),
-                                             per_tensor=cfg.activation_scale == "tensor")
+                                             per_tensor=cfg.activation_scale == "tensor",
+                                             activation=fused[fqn][0] if fqn in fused else "none")
         return new.train(module.training)
 
     replaced = surgery.replace_modules(model, matches, build)
+    absorbed = surgery.replace_modules(
+        model, [(act, model.get_submodule(act)) for f, (_name, act) in fused.items() if f in replaced],
+        lambda _fqn, _m: nn.Identity())
     if skipped:
         listed = "; ".join(f"{fqn} ({why})" for fqn, why in skipped.items())
         logger.warning("quantization.dynamic: %d selected module(s) stay float: %s", len(skipped), listed)
-    stats: dict[str, float] = {"int8_layers": len(replaced)}
+    stats: dict[str, float] = {"int8_layers": len(replaced), "fused_activations": len(absorbed)}
     if cfg.smooth is not None:
         stats["smoothed_layers"] = len(set(replaced) & set(smooth))
-    return Outcome(model=model, touched=replaced, structure={fqn: {} for fqn in replaced},
-                   stats=stats,
-                   layers={fqn: {"bits": 8} for fqn in replaced})
+    layers: dict[str, dict[str, Any]] = {fqn: {"bits": 8} for fqn in replaced}
+    for fqn in replaced:
+        if fqn in fused:
+            layers[fqn]["activation"] = fused[fqn][0]
+    return Outcome(model=model, touched=replaced, structure={fqn: {} for fqn in (*replaced, *absorbed)},
+                   stats=stats, layers=layers)
+
+
+def _activations(model: nn.Module, matches: list[tuple[str, nn.Module]], tied: set[str],
+                 ctx: Context) -> dict[str, tuple[str, str]]:
+    """``find_activations`` for the layers that will be converted, on the first calibration batch
+    (else ``ctx.example_inputs``); empty without either."""
+    device = next(model.parameters(), torch.empty(0)).device
+    if ctx.calib_data is not None or ctx.train_data is not None:
+        batch = calibration_inputs(ctx, 1, "quantization.dynamic (fuse_activations)", device)[0]
+    elif ctx.example_inputs is not None:
+        batch = to_device(ctx.example_inputs, device)
+    else:
+        logger.info("quantization.dynamic: no calibration batch or example inputs; activations stay separate")
+        return {}
+    linears = {fqn: m for fqn, m in matches if _why_not(fqn, m, tied) is None}
+    return find_activations(model, linears, batch)
 
 
 def _smoothing(model: nn.Module, matches: list[tuple[str, nn.Module]], alpha: float, ctx: Context,

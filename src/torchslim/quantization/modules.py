@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from torchslim.core.structure import rebuildable
 from torchslim.quantization.ops import dynamic_quant_linear
 from torchslim.quantization.primitives import (
     dequantize,
     fbgemm_linear_per_tensor,
+    onednn_linear_per_tensor,
     pack_fbgemm_weight,
     pack_int8_weight,
     quantize_per_channel_symmetric,
 )
 
-__all__ = ["DynamicQuantLinear"]
+__all__ = ["ACTIVATIONS", "DynamicQuantLinear"]
+
+# activations a DynamicQuantLinear can apply to its output (fused into the GEMM where it can)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
 
 @rebuildable
@@ -36,6 +44,10 @@ class DynamicQuantLinear(nn.Module):
     eager inference on float32 CPU input the same arithmetic runs as a single fbgemm call that
     rounds the input while packing it (``fbgemm_linear_per_tensor``), with the weight and bias
     packed once and cached like the oneDNN copy; training, tracing and export use the op.
+    With an ``activation`` (``ACTIVATIONS``; ``quantization.dynamic`` sets it where the layer's
+    output went only into that activation) the layer returns ``activation(linear(x))``; in
+    per-tensor eager inference oneDNN applies it as the results leave the GEMM
+    (``onednn_linear_per_tensor``), elsewhere it runs after the op (exported as its own node).
     With ``smoothed`` (SmoothQuant), the layer first multiplies its input by the buffer
     ``input_scale`` (in,), whose inverse was folded into the weight's columns: the float
     product is unchanged while the input's outlier channels shrink before they are rounded.
@@ -45,6 +57,7 @@ class DynamicQuantLinear(nn.Module):
         scale: float32 buffer (out,): per output channel, or one value repeated.
         bias: The float bias parameter, or None.
         input_scale: float32 buffer (in,) when ``smoothed``, else absent.
+        activation: A key of ``ACTIVATIONS``, or ``"none"``.
     """
 
     _torchslim_converted = True
@@ -54,8 +67,12 @@ class DynamicQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  per_channel: bool = True, device: torch.device | str | None = None,
-                 smoothed: bool = False, per_tensor: bool = False) -> None:
+                 smoothed: bool = False, per_tensor: bool = False, activation: str = "none") -> None:
         super().__init__()
+        if activation != "none" and activation not in ACTIVATIONS:
+            raise ValueError("DynamicQuantLinear: activation must be 'none' or one of "
+                             f"{sorted(ACTIVATIONS)}; found {activation!r}")
+        self.activation = activation
         self.in_features = in_features
         self.out_features = out_features
         self.per_channel = per_channel
@@ -76,13 +93,18 @@ class DynamicQuantLinear(nn.Module):
         if self.smoothed:
             x = x * self.input_scale.to(x.dtype)
         if self.per_tensor and _plain_inference(x, self.bias):
-            fused = self._fbgemm_weight()
-            if fused is not None:
-                return fbgemm_linear_per_tensor(x, fused)
+            if self.activation == "none":
+                fused = self._fbgemm_weight()
+                if fused is not None:
+                    return fbgemm_linear_per_tensor(x, fused)
+            else:  # fbgemm's call has no epilogue activation; oneDNN's has
+                onednn = self._packed_weight()
+                if onednn is not None:
+                    return onednn_linear_per_tensor(x, onednn, self.scale, self.bias, self.activation)
         packed = None if torch.compiler.is_compiling() else self._packed_weight()
         out: torch.Tensor = dynamic_quant_linear(x, self.qweight, self.scale, self.bias, packed,
                                                  self.per_tensor)
-        return out
+        return out if self.activation == "none" else ACTIVATIONS[self.activation](out)
 
     def _packed_weight(self) -> torch.Tensor | None:
         """The cached ``pack_int8_weight(qweight)``, rebuilt whenever ``qweight`` changed."""
@@ -108,17 +130,19 @@ class DynamicQuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, per_channel: bool = True, smooth: torch.Tensor | None = None,
-                    per_tensor: bool = False) -> DynamicQuantLinear:
+                    per_tensor: bool = False, activation: str = "none") -> DynamicQuantLinear:
         """Quantize ``linear``'s weight (symmetric int8); the bias is copied unchanged.
 
         ``smooth`` (in,), positive: input column ``j`` is divided by ``smooth[j]`` at run time
         and weight column ``j`` multiplied by it before rounding (SmoothQuant's migration).
         ``per_tensor``: one activation scale per call instead of one per row.
+        ``activation``: applied to the output (the new layer replaces ``linear`` and the
+        activation module after it).
         """
         weight = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None,
                   per_channel=per_channel, device=weight.device, smoothed=smooth is not None,
-                  per_tensor=per_tensor)
+                  per_tensor=per_tensor, activation=activation)
         if weight.is_meta:  # nothing to copy from a meta tensor
             return new
         if smooth is not None:
@@ -134,7 +158,8 @@ class DynamicQuantLinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """The dequantized float ``nn.Linear`` (``qweight * scale``), e.g. for other runtimes."""
+        """The dequantized float ``nn.Linear`` (``qweight * scale``), e.g. for other runtimes;
+        without the fused ``activation``, which the caller applies."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                            device=self.qweight.device)
         weight = dequantize(self.qweight, self.scale)
@@ -143,21 +168,25 @@ class DynamicQuantLinear(nn.Module):
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear
 
-    def spec_kwargs(self) -> dict[str, int | bool]:
+    def spec_kwargs(self) -> dict[str, int | bool | str]:
         """Constructor arguments for ``structure.json``."""
-        spec: dict[str, int | bool] = {"in_features": self.in_features, "out_features": self.out_features,
-                                       "bias": self.bias is not None, "per_channel": self.per_channel}
+        spec: dict[str, int | bool | str] = {
+            "in_features": self.in_features, "out_features": self.out_features,
+            "bias": self.bias is not None, "per_channel": self.per_channel}
         if self.smoothed:
             spec["smoothed"] = True
         if self.per_tensor:
             spec["per_tensor"] = True
+        if self.activation != "none":
+            spec["activation"] = self.activation
         return spec
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weight=int8 {kind}" + (", smoothed" if self.smoothed else "")
-                + (", per-tensor activations" if self.per_tensor else ""))
+                + (", per-tensor activations" if self.per_tensor else "")
+                + (f", then {self.activation}" if self.activation != "none" else ""))
 
 
 def _plain_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
