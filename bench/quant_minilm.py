@@ -161,7 +161,7 @@ def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--smooth", type=float, default=0.7, help="SmoothQuant alpha of the smoothed variant")
     parser.add_argument("--mixed-budget", type=float, default=0.6,
