@@ -58,8 +58,9 @@ class DynamicQuantizationConfig(MethodConfig):
         activation_scale: ``row``: one scale per input row (token), the accurate default;
             ``tensor``: one per call, applied with the weight scales and the bias inside
             the int8 GEMM, which leaves nothing to do on the output (faster, coarser). In
-            eager inference on x86 the whole layer is then one fbgemm call that rounds the
-            input while packing it; elsewhere oneDNN's GEMM with the scales fused.
+            eager inference on x86 CPUs with VNNI the whole layer is then one fbgemm call
+            that rounds the input while packing it; elsewhere oneDNN's GEMM with the scales
+            fused (``torch._int_mm`` without VNNI, where u8 x s8 kernels can saturate).
         fuse_activations: Let each layer whose output only feeds a GELU or ReLU module apply
             that activation itself (the module becomes ``nn.Identity``); with
             ``activation_scale: tensor`` oneDNN applies it inside the GEMM. The pairs are found

@@ -108,7 +108,16 @@ def pack_int8_weight(qweight: torch.Tensor, *, always: bool = False) -> torch.Te
 
 def _onednn_ops() -> bool:
     available: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-    return available and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    return available and hasattr(torch.ops.onednn, "qlinear_pointwise") and _vnni()
+
+
+def _vnni() -> bool:
+    """Does the CPU multiply u8 x s8 into int32 directly (VNNI)? Without it the kernels sum pairs
+    of products in int16 first, which saturates for the full uint8 range the fused paths use
+    (oneDNN's and fbgemm's documented int8 caveat; torch.ao rounds to 7 bits for it), so they
+    are used only with VNNI; elsewhere the layers take the plain ``torch._int_mm`` path."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def _packed_linear(q_u8: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -242,7 +251,8 @@ def pack_fbgemm_weight(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.T
 
 def _fbgemm_ops() -> bool:
     engine_ok = torch.backends.quantized.engine in ("x86", "fbgemm")
-    return engine_ok and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+    fused = hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+    return engine_ok and fused and _vnni()
 
 
 def fbgemm_linear_per_tensor(x: torch.Tensor, packed: Any) -> torch.Tensor:
