@@ -225,8 +225,16 @@ def test_the_activation_after_a_layer_moves_into_it_with_the_same_outputs(act: n
             assert torch.equal(fused(x), separate(x))
 
 
-@pytest.mark.parametrize("block", [lambda: _act_block(nn.GELU(), residual=True), lambda: _act_block(nn.SiLU())],
-                         ids=["output-read-twice", "silu"])
+def _relu_never_negative() -> ActBlock:
+    block = _act_block(nn.ReLU())
+    with torch.no_grad():  # every output of `up` positive on the batch: ReLU acts as the identity there
+        block.up.bias.fill_(100.0)
+    return block
+
+
+@pytest.mark.parametrize("block", [lambda: _act_block(nn.GELU(), residual=True), lambda: _act_block(nn.SiLU()),
+                                   lambda: _act_block(nn.Dropout(0.1)), _relu_never_negative],
+                         ids=["output-read-twice", "silu", "dropout", "relu-saw-no-negative"])
 def test_an_activation_is_left_alone_when_fusing_would_change_the_model(block: Any) -> None:
     x = torch.randn(16, 32)
     outcome = apply(block(), DynamicQuantizationConfig(), Context(calib_data=[x]))
