@@ -110,7 +110,8 @@ def _nudged_self_cosine(model: nn.Module, inputs: tuple[torch.Tensor, ...], out:
         emb.weight.copy_(saved)
 
 
-def _verdict(variant: str, latency: dict[str, float], quality: dict[str, dict[str, float]]) -> str:
+def _verdict(variant: str, latency: dict[str, float], quality: dict[str, dict[str, float]],
+             rounds: dict[str, list[float]]) -> str:
     """The result line of one of our variants: against fp32 and each peer, with the quality drops."""
     base, ours = latency["fp32 torch"], latency[variant]
     peers = {n: latency[n] for n in ("torch.ao dynamic int8", "onnxruntime quantize_dynamic")}
@@ -124,7 +125,16 @@ def _verdict(variant: str, latency: dict[str, float], quality: dict[str, dict[st
             f"{'within' if within else 'outside'} the quality bounds; torch.ao drops {peer_lee:+.4f} / "
             f"{peer_ws:+.4f}). "
             + (f"Faster than it here: {', '.join(slower)}, so 'faster than both peers' is not met."
-               if slower else "Faster than both peers."))
+               if slower else "Faster than both peers.")
+            + " Round by round (the variants alternate, so each round compares them under the same load): "
+            + "; ".join(_paired(rounds, variant, n) for n in peers) + ".")
+
+
+def _paired(rounds: dict[str, list[float]], ours: str, peer: str) -> str:
+    """In how many rounds ``ours`` beat ``peer``, and the median of the per-round speed ratios."""
+    ratios = [p / o for o, p in zip(rounds[ours], rounds[peer], strict=True)]
+    wins = sum(r > 1 for r in ratios)
+    return f"faster than {peer} in {wins} of {len(ratios)} rounds, median ratio {statistics.median(ratios):.3f}"
 
 
 def _steps(latency: dict[str, float]) -> str:
@@ -161,7 +171,7 @@ def _mixed_line(name: str, stats: dict[str, float], budget: float, latency: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--smooth", type=float, default=0.7, help="SmoothQuant alpha of the smoothed variant")
     parser.add_argument("--mixed-budget", type=float, default=0.6,
@@ -249,8 +259,9 @@ def main() -> None:
               "Over 64 other Lee sentences (8 batches of 8), ONNX Runtime vs PyTorch cosine, mean / min: "
               + "; ".join(f"{n} {a[0]:.5f} / {a[1]:.5f}" for n, a in agree.items())
               + ". Smoothing shrinks the rounding error itself, and with it what a redraw can change.",
-              _verdict("torchslim int8 torch", latency, quality),
-              _verdict("torchslim int8 per-tensor torch", latency, quality),
+              _verdict("torchslim int8 torch", latency, quality, rounds),
+              _verdict("torchslim int8 per-tensor torch", latency, quality, rounds),
+              _verdict(SEPARATE, latency, quality, rounds),
               _steps(latency),
               "Where the time goes (torch profiler, ms per call, self times; the profiler adds overhead): "
               + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
