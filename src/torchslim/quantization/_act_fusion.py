@@ -13,6 +13,7 @@ not change. A pair that changes them (the Linear's output was also read elsewher
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,7 +51,9 @@ def find_activations(model: nn.Module, linears: dict[str, nn.Module], batch: Any
 
 def _observe(model: nn.Module, linears: dict[str, nn.Module], batch: Any) -> tuple[Pairs, Any]:
     """The candidate pairs seen on ``batch``, and the model's output."""
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (linear fqn, output kept alive)
+    # id(output) -> (linear fqn, weak reference): holding the outputs themselves would keep every
+    # Linear's activations of the batch alive at once (gigabytes for an LLM)
+    produced: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
     calls: dict[str, int] = {}
     seen: dict[str, tuple[str, str]] = {}  # activation module fqn -> (linear fqn, activation)
 
@@ -58,7 +61,7 @@ def _observe(model: nn.Module, linears: dict[str, nn.Module], batch: Any) -> tup
         def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
             calls[fqn] = calls.get(fqn, 0) + 1
             if isinstance(out, torch.Tensor):
-                produced[id(out)] = (fqn, out)
+                produced[id(out)] = (fqn, weakref.ref(out))
         return hook
 
     pending: dict[str, tuple[str, torch.Tensor]] = {}  # candidate fqn -> (linear fqn, copy of its input)
@@ -66,9 +69,10 @@ def _observe(model: nn.Module, linears: dict[str, nn.Module], batch: Any) -> tup
     def before_candidate(fqn: str) -> Callable[..., None]:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             calls[fqn] = calls.get(fqn, 0) + 1
-            source = produced.get(id(args[0])) if len(args) == 1 else None
-            if source is not None and source[1] is args[0]:  # a copy: an in-place ReLU overwrites it
-                pending[fqn] = (source[0], args[0].clone())
+            x = args[0] if len(args) == 1 else None
+            source = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if isinstance(x, torch.Tensor) and source is not None and source[1]() is x:
+                pending[fqn] = (source[0], x.clone())  # a copy: an in-place ReLU overwrites x
         return hook
 
     def after_candidate(fqn: str) -> Callable[..., None]:
