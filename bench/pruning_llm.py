@@ -171,7 +171,7 @@ def teacher_windows(model: nn.Module, calib: list[torch.Tensor], count: int, pre
     offset, then the model's own continuation, sampled at temperature 1 (no top-k / top-p), up to
     the window length, ``batch`` windows at a time (in fp32, or under bf16 autocast). Only
     calibration tokens are read; the rest is the teacher's text. On 2 cores 32 fp32 windows at a
-    time took 2.8 s per window, 8 under bf16 autocast 4.7 s."""
+    time took 2.8 s per window; under bf16 autocast 8 at a time took 4.7 s, 32 at a time 3.8 s."""
     stream = torch.cat([w.flatten() for w in calib])
     length = calib[0].numel()
     offsets = torch.randint(0, stream.numel() - prefix + 1, (count,), generator=torch.Generator().manual_seed(seed))
@@ -321,7 +321,10 @@ RECOVER_TRIED = (
     "48 written windows 41.98 (19.4 minutes); 300 steps and 64 written windows at lr 2e-4 40.82 (25.5 "
     "minutes) and at lr 4e-4 40.85 (27.2 minutes): doubling the rate lowered the training KL of the last full "
     "pass (0.149 to 0.142) but not the held-out perplexity; 128 written windows (fp32, 32 at a time, so they "
-    "cost about what 64 did) 40.59, the row above. More distinct text keeps helping, a little."
+    "cost about what 64 did) 40.59 (26.3 minutes); 192 written windows and 280 steps, the row above, 40.48: "
+    "more distinct text keeps helping, by about 0.1 per 64 windows, and each 64 windows cost 3 minutes of the "
+    "30. Writing them under bf16 autocast, 32 at a time, was slower than fp32 (3.8 against 2.8 s per window), "
+    "so that run was stopped."
 )
 
 
