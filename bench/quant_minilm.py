@@ -8,11 +8,12 @@ left separate (``fuse_activations: false``); torch's own dynamic quantization
 (``torch.ao.quantization.quantize_dynamic``); ONNX Runtime's ``quantize_dynamic`` on the fp32
 ONNX file; ``quantization.mixed`` under a latency budget (int8 or float per layer, chosen on
 calibration sentences apart from the timed ones). Latencies alternate between variants over several rounds (the machine is shared)
-and the median of the per-round medians is reported. Quality (Lee Pearson, WS-353) is measured
+and the median of the per-round medians is reported, with the rounds each of our variants won
+against each peer (a peer counts as beaten only in most rounds). Quality (Lee Pearson, WS-353) is measured
 for the torch variants, which compute what their ONNX exports compute, with their fidelity to
 fp32 (mean cosine of the 200 MR sentence embeddings).
 
-Run: python bench/quant_minilm.py [--rounds 5]   (about 10 minutes on 2 cores)
+Run: python bench/quant_minilm.py [--rounds 11]   (about 12 minutes on 2 cores)
 """
 
 from __future__ import annotations
