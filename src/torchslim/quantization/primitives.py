@@ -189,14 +189,14 @@ def int8_linear_per_tensor(
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    q, amax = _round_per_tensor(flat if flat.dtype == torch.float32 else flat.float())
-    b = None if bias is None else bias.float()
-    if packed is not None and q.shape[0] > 0:
-        out = _packed_linear(q.view(torch.uint8).bitwise_xor_(U8_ZERO_POINT), packed, scale, amax / QMAX, b)
+    xf = flat if flat.dtype == torch.float32 else flat.float()
+    if packed is not None and xf.shape[0] > 0:
+        out = onednn_linear_per_tensor(xf, packed, scale, bias)
     else:
+        q, amax = _round_per_tensor(xf)
         out = int8_matmul(q, qweight.t()).float().mul_(scale * (amax / QMAX))
-        if b is not None:
-            out.add_(b)
+        if bias is not None:
+            out.add_(bias.float())
     out = out.reshape(*lead, qweight.shape[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -220,11 +220,11 @@ def _tensor_amax(x: torch.Tensor) -> float:
 
 
 def onednn_linear_per_tensor(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                             bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``activation(int8_linear_per_tensor(x, ...))`` in one oneDNN call: the same codes and
-    scales (``packed`` from ``pack_int8_weight(..., always=True)``), with the activation
-    (``ACTIVATIONS``) applied as the results leave the GEMM instead of in another pass over
-    the output. Float32 CPU input."""
+                             bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
+    """``activation(int8_linear_per_tensor(x, ...))`` in one oneDNN call (its packed path): the
+    same codes and scales (``packed`` from ``pack_int8_weight(..., always=True)``), with the
+    activation (``ACTIVATIONS``) applied as the results leave the GEMM instead of in another
+    pass over the output. Float32 CPU input."""
     q, amax = _round_per_tensor(x.reshape(-1, x.shape[-1]))
     b = None if bias is None else bias.float()
     q_u8 = q.view(torch.uint8).bitwise_xor_(U8_ZERO_POINT)
